@@ -1,0 +1,30 @@
+"""Errors a user can cause. ``dlsm.launch`` prints them as one line and exits non-zero.
+
+Programming errors are not wrapped: they stay tracebacks.
+"""
+
+from __future__ import annotations
+
+
+class DlsmError(Exception):
+    """Base class of user-facing errors; ``str(err)`` is the one line shown to the user."""
+
+    exit_code = 2
+
+
+class ConfigError(DlsmError):
+    """A gin file, binding or value is wrong."""
+
+
+class DataError(DlsmError):
+    """A dataset is missing or cannot be read."""
+
+
+class CheckpointError(DlsmError):
+    """A checkpoint is missing, unreadable or does not match the model."""
+
+
+class NonFiniteLossError(DlsmError):
+    """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
+
+    exit_code = 3

@@ -1,0 +1,61 @@
+"""Command line: ``python -m dlsm.launch --gin FILE [--gin FILE ...] [--gin_param 'BINDING' ...]``.
+
+User errors (bad gin file or binding, wrong-typed value, missing data, bad checkpoint, NaN loss)
+print one line to stderr and exit non-zero. Ctrl-C keeps the last checkpoint: relaunch the same
+command to resume. ``--traceback`` shows the full traceback of a user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dlsm.errors import DlsmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dlsm.launch", description=__doc__.splitlines()[0])
+    p.add_argument("--gin", action="append", default=[], metavar="FILE", help="gin file (repeatable)")
+    p.add_argument("--gin_param", action="append", default=[], metavar="BINDING",
+                   help="a gin binding, e.g. 'total_loss.lam = 0.5' (repeatable)")
+    p.add_argument("--fresh", action="store_true", help="ignore an unfinished run of this config; start over")
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.gin:
+        print("dlsm: error: give at least one --gin FILE (try gin/moons.gin)", file=sys.stderr)
+        return 2
+    try:
+        import gin
+
+        from dlsm import components  # noqa: F401  (registers every configurable)
+        from dlsm.config import parse_config
+        from dlsm.errors import ConfigError
+        from dlsm.pipeline import experiment, run_experiment
+
+        parse_config(args.gin, args.gin_param)
+        try:
+            spec = experiment()
+        except RuntimeError as err:  # gin: a gin.REQUIRED binding is missing
+            raise ConfigError(str(err).strip().splitlines()[0]) from None
+        results = run_experiment(spec, fresh=args.fresh)
+        del gin
+    except DlsmError as err:
+        if args.traceback:
+            raise
+        print(f"dlsm: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("dlsm: interrupted; relaunch the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    width = max((len(k) for k in results), default=0)
+    for k in sorted(results):
+        print(f"{k:<{width}}  {results[k]:.4g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

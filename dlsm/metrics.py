@@ -1,0 +1,165 @@
+"""Metrics: plain functions of point sets and score functions, plus gin-bindable metric suites.
+
+A metric suite is ``suite(evaluation) -> dict[str, float]``; ``experiment.metrics`` lists the suites
+to run. Keys read ``{method}/c{class}/{metric}`` (``/s{sigma}`` appended for per-sigma metrics).
+
+k-NN precision/recall and sliced Wasserstein are written here rather than taken from torchmetrics:
+torchmetrics has image-feature metrics (FID, IS) but neither of these for raw point sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gin
+import torch
+from torch import nn
+
+from dlsm.data import LabelledData
+from dlsm.oracle import OracleScores
+from dlsm.schedules import NoiseSchedule
+from dlsm.scores import ModelScores
+
+__all__ = [
+    "Evaluation",
+    "classifier_metrics",
+    "kth_nn_distance",
+    "mean_score_distance",
+    "precision_recall",
+    "sample_metrics",
+    "score_error_metrics",
+    "sliced_wasserstein",
+]
+
+
+@dataclass
+class Evaluation:
+    """Everything a metric suite or plot may look at after training and sampling."""
+
+    data: LabelledData
+    schedule: NoiseSchedule
+    methods: dict[str, ModelScores | OracleScores]
+    classifiers: dict[str, nn.Module] = field(default_factory=dict)
+    samples: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    oracle: OracleScores | None = None
+    seed: int = 0
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + offset)
+
+
+def mean_score_distance(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    """E ||estimate - reference||_2, the DLSM paper's E[D_P] / E[D_L] for matched point sets."""
+    diff = (estimate.to(torch.float64) - reference.to(torch.float64)).reshape(estimate.shape[0], -1)
+    return float(diff.norm(dim=1).mean())
+
+
+def _pairwise_min_over(a: torch.Tensor, b: torch.Tensor, fn, chunk: int = 2048) -> torch.Tensor:
+    out = []
+    for s in range(0, a.shape[0], chunk):
+        out.append(fn(torch.cdist(a[s : s + chunk], b)))
+    return torch.cat(out)
+
+
+def kth_nn_distance(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each point to its k-th nearest neighbour in the same set (itself excluded)."""
+    x = x.reshape(x.shape[0], -1).to(torch.float64)
+    return _pairwise_min_over(x, x, lambda d: d.kthvalue(k + 1, dim=1).values)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, *, k: int = 5) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al., 2019) with k-NN balls.
+
+    precision = fraction of fake points inside some real k-NN ball; recall = the converse.
+    """
+    real = real.reshape(real.shape[0], -1).to(torch.float64)
+    fake = fake.reshape(fake.shape[0], -1).to(torch.float64)
+    r_real, r_fake = kth_nn_distance(real, k), kth_nn_distance(fake, k)
+    precision = _pairwise_min_over(fake, real, lambda d: (d <= r_real[None, :]).any(dim=1))
+    recall = _pairwise_min_over(real, fake, lambda d: (d <= r_fake[None, :]).any(dim=1))
+    return float(precision.double().mean()), float(recall.double().mean())
+
+
+def sliced_wasserstein(
+    a: torch.Tensor, b: torch.Tensor, *, n_projections: int = 256, generator: torch.Generator | None = None
+) -> float:
+    """Sliced Wasserstein-1: mean over random unit directions of W1 between the 1-D projections.
+
+    Each 1-D W1 is the mean |F_a^-1(q) - F_b^-1(q)| over the sorted quantiles of the larger set.
+    """
+    a = a.reshape(a.shape[0], -1).to(torch.float64)
+    b = b.reshape(b.shape[0], -1).to(torch.float64)
+    dirs = torch.randn(a.shape[1], n_projections, generator=generator, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    pa, pb = (a @ dirs).sort(dim=0).values, (b @ dirs).sort(dim=0).values
+    n = max(pa.shape[0], pb.shape[0])
+    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    qa = torch.quantile(pa, q, dim=0, interpolation="lower") if pa.shape[0] != n else pa
+    qb = torch.quantile(pb, q, dim=0, interpolation="lower") if pb.shape[0] != n else pb
+    return float((qa - qb).abs().mean())
+
+
+def _noisy_class_points(ev: Evaluation, c: int, sigma: float, n: int, g: torch.Generator) -> torch.Tensor:
+    """x~ ~ p_sigma(x~|y=c): class data (resampled) plus sigma-noise."""
+    xc = ev.data.of_class(c)
+    idx = torch.randint(0, xc.shape[0], (n,), generator=g)
+    return xc[idx] + sigma * torch.randn(xc[idx].shape, generator=g)
+
+
+@gin.configurable
+def score_error_metrics(
+    ev: Evaluation, *, sigmas: tuple[float, ...] = (1.0, 7.5), n_points: int = 2000
+) -> dict[str, float]:
+    """E[D_P] and E[D_L] against the Parzen oracle over x~ ~ p_sigma(x~|y), per method, class and sigma."""
+    if ev.oracle is None:
+        return {}
+    out: dict[str, float] = {}
+    g = ev.generator(101)
+    for sigma in sigmas:
+        for c in range(ev.data.num_classes):
+            x = _noisy_class_points(ev, c, sigma, n_points, g)
+            true_post = ev.oracle.posterior(x, sigma, c)
+            true_lik = true_post - ev.oracle.prior(x, sigma)
+            for name, scores in ev.methods.items():
+                if scores is ev.oracle:
+                    continue
+                lik = scores.likelihood(x, sigma, c)
+                post = scores.prior(x, sigma) + lik
+                out[f"{name}/c{c}/D_P/s{sigma:g}"] = mean_score_distance(post, true_post)
+                out[f"{name}/c{c}/D_L/s{sigma:g}"] = mean_score_distance(lik, true_lik)
+    return out
+
+
+@gin.configurable
+def classifier_metrics(
+    ev: Evaluation, *, sigmas: tuple[float, ...] = (1.0, 7.5), n_points: int = 4000
+) -> dict[str, float]:
+    """Cross-entropy and accuracy of each classifier on x~ ~ p_sigma(x~, y) at each sigma."""
+    out: dict[str, float] = {}
+    g = ev.generator(202)
+    for sigma in sigmas:
+        idx = torch.randint(0, ev.data.x.shape[0], (n_points,), generator=g)
+        x = ev.data.x[idx] + sigma * torch.randn(ev.data.x[idx].shape, generator=g)
+        y = ev.data.y[idx]
+        for name, clf in ev.classifiers.items():
+            with torch.no_grad():
+                logits = clf(x, sigma)
+            out[f"{name}/ce/s{sigma:g}"] = float(nn.functional.cross_entropy(logits, y))
+            out[f"{name}/acc/s{sigma:g}"] = float((logits.argmax(1) == y).double().mean())
+    return out
+
+
+@gin.configurable
+def sample_metrics(ev: Evaluation, *, k: int = 5, n_projections: int = 256) -> dict[str, float]:
+    """Precision, recall (k-NN) and sliced Wasserstein-1 of each method's class-c samples vs class-c data."""
+    out: dict[str, float] = {}
+    for name, per_class in ev.samples.items():
+        for c, samples in per_class.items():
+            real = ev.data.of_class(c)
+            p, r = precision_recall(real, samples, k=k)
+            out[f"{name}/c{c}/precision"] = p
+            out[f"{name}/c{c}/recall"] = r
+            out[f"{name}/c{c}/sw1"] = sliced_wasserstein(
+                real, samples, n_projections=n_projections, generator=ev.generator(303)
+            )
+    return out

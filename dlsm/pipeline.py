@@ -1,0 +1,217 @@
+"""The two-stage experiment: stage 1 (score model, DSM) -> stage 2 (a classifier per loss) ->
+conditional sampling -> metrics -> figures, each stage a child MLflow run of one parent run.
+
+Everything the pipeline uses is a gin binding of :func:`experiment`; the pipeline itself only
+wires components together. Checkpoints live in ``<workdir>/<name>/<config hash>/`` so relaunching
+the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gin
+import numpy as np
+import torch
+from torch import nn
+
+from dlsm import config as cfg
+from dlsm.data import LabelledData
+from dlsm.errors import ConfigError
+from dlsm.losses import ce_loss, dsm_loss, total_loss
+from dlsm.metrics import Evaluation, classifier_metrics, sample_metrics, score_error_metrics
+from dlsm.oracle import OracleScores
+from dlsm.plots import loss_curves, posterior_field_figure
+from dlsm.samplers import annealed_langevin, prior_sample
+from dlsm.schedules import NoiseSchedule, noise_schedule
+from dlsm.scores import ModelScores
+from dlsm.tracking import Tracker
+from dlsm.training import load_ema_weights, train
+
+__all__ = ["ExperimentSpec", "experiment", "run_experiment"]
+
+STAGE1 = "stage1-score"
+
+
+@dataclass
+class ExperimentSpec:
+    name: str
+    seed: int
+    dataset: Callable[[], LabelledData]
+    score_model: Callable[..., nn.Module]
+    classifier: Callable[..., nn.Module]
+    score_loss: Callable
+    classifier_losses: dict[str, Callable]
+    alpha: float
+    sampler: Callable
+    n_samples: int
+    oracle: bool
+    metrics: Sequence[Callable]
+    figures: Sequence[Callable]
+    stage1_run_id: str | None
+    workdir: str
+    extra: dict = field(default_factory=dict)
+
+
+@gin.configurable
+def experiment(
+    *,
+    name: str = "dlsm",
+    seed: int = 0,
+    dataset: Callable[[], LabelledData] = gin.REQUIRED,
+    score_model: Callable[..., nn.Module] = gin.REQUIRED,
+    classifier: Callable[..., nn.Module] = gin.REQUIRED,
+    score_loss: Callable = dsm_loss,
+    classifier_losses: dict[str, Callable] | None = None,
+    alpha: float = 1.0,
+    sampler: Callable = annealed_langevin,
+    n_samples: int = 1000,
+    oracle: bool = True,
+    metrics: Sequence[Callable] = (score_error_metrics, classifier_metrics, sample_metrics),
+    figures: Sequence[Callable] = (posterior_field_figure,),
+    stage1_run_id: str | None = None,
+    workdir: str = ".dlsm",
+) -> ExperimentSpec:
+    """Declare an experiment. ``classifier_losses`` maps a method name to its stage-2 loss
+    (default ``{'ce': ce_loss, 'total': total_loss}``); ``alpha`` scales every likelihood score
+    at sampling; ``stage1_run_id`` reuses a finished stage-1 MLflow run instead of training one;
+    ``oracle`` adds the Parzen oracle as a method and enables oracle metrics (small data only)."""
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ConfigError(f"experiment.n_samples must be a positive integer, got {n_samples!r}")
+    losses = classifier_losses if classifier_losses is not None else {"ce": ce_loss, "total": total_loss}
+    if not losses:
+        raise ConfigError("experiment.classifier_losses is empty; name at least one stage-2 loss")
+    return ExperimentSpec(
+        name, seed, dataset, score_model, classifier, score_loss, dict(losses), alpha, sampler,
+        n_samples, oracle, tuple(metrics), tuple(figures), stage1_run_id, workdir,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _sample(spec: ExperimentSpec, scores, schedule: NoiseSchedule, data: LabelledData, c: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = prior_sample((spec.n_samples, *data.x.shape[1:]), schedule.sigma_max, generator=gen)
+    kwargs = {}
+    params = inspect.signature(inspect.unwrap(spec.sampler)).parameters
+    if "eps" in params:  # annealed Langevin takes its step settings from the noise schedule
+        kwargs = {"eps": schedule.eps, "n_steps_each": schedule.n_steps_each}
+    return spec.sampler(scores.posterior_fn(c), x0, schedule.sigmas, generator=gen, **kwargs)
+
+
+def run_experiment(spec: ExperimentSpec, *, fresh: bool = False) -> dict[str, float]:
+    """Run (or resume) the whole experiment; returns the final metrics."""
+    chash = cfg.config_hash()
+    rundir = Path(spec.workdir) / spec.name / chash
+    tracker = Tracker(spec.name)
+    resume_id = None if fresh else tracker.unfinished_parent(chash)
+    if fresh and rundir.exists():
+        shutil.rmtree(rundir)
+    rundir.mkdir(parents=True, exist_ok=True)
+    params = cfg.bindings_as_params()
+    seed_everything(spec.seed)
+
+    with tracker.parent(spec.name, chash, resume_id) as parent_id:
+        if resume_id:
+            print(f"dlsm: resuming run {parent_id} from {rundir}")
+        tracker.log_params(params)
+        tracker.log_text(gin.config_str(), "config/config.gin")
+        data = spec.dataset()
+        schedule = noise_schedule(data.x)
+        tracker.log_params(schedule.as_params())
+
+        # -- stage 1: score model s(x~; phi) with DSM ----------------------------------------
+        with tracker.stage(parent_id, STAGE1) as (_, done):
+            t0 = time.perf_counter()
+            tracker.log_params({**params, **schedule.as_params()})
+            seed_everything(spec.seed + 1)
+            with gin.config_scope("score"):
+                model = spec.score_model(dim=data.dim)
+            ckpt = rundir / "score.pt"
+            if spec.stage1_run_id:
+                score_ema = load_ema_weights(model, tracker.download_stage1_checkpoint(spec.stage1_run_id))
+                tracker.log_params({"reused_stage1_run_id": spec.stage1_run_id})
+            else:
+                with gin.config_scope("score"):
+                    res = train(
+                        model,
+                        lambda m, x, y, s, n: spec.score_loss(m, x, s, n),
+                        data, schedule, ckpt_path=ckpt, seed=spec.seed + 11, stage="score",
+                        log_fn=tracker.log_metrics,
+                    )
+                score_ema = res.ema
+                if not done:
+                    tracker.log_artifact(ckpt, "checkpoints")
+                    if res.losses:
+                        tracker.log_figure(loss_curves({"DSM": res.losses}, "stage 1: DSM"), "plots/loss.png")
+            timings = {"time/stage1_s": time.perf_counter() - t0}
+            tracker.log_metrics({"wall_seconds": timings["time/stage1_s"]})
+        score_ema.requires_grad_(False)
+
+        # -- stage 2: one classifier p(y|x~; theta) per loss, score model frozen -------------
+        classifiers: dict[str, nn.Module] = {}
+        curves: dict[str, list] = {}
+        for k, (method, loss) in enumerate(spec.classifier_losses.items()):
+            with tracker.stage(parent_id, f"stage2-{method}") as (_, done):
+                t0 = time.perf_counter()
+                tracker.log_params({**params, "method": method})
+                seed_everything(spec.seed + 2)  # every method starts from the same weights
+                with gin.config_scope("classifier"):
+                    clf = spec.classifier(dim=data.dim, num_classes=data.num_classes)
+                    ckpt = rundir / f"classifier-{method}.pt"
+                    res = train(
+                        clf,
+                        lambda m, x, y, s, n, loss=loss: loss(m, score_ema, x, y, s, n),
+                        data, schedule, ckpt_path=ckpt, seed=spec.seed + 21 + k, stage=method,
+                        log_fn=tracker.log_metrics,
+                    )
+                classifiers[method] = res.ema
+                curves[method] = res.losses
+                if not done:
+                    tracker.log_artifact(ckpt, "checkpoints")
+                    if res.losses:
+                        tracker.log_figure(loss_curves({method: res.losses}, f"stage 2: {method}"), "plots/loss.png")
+                timings[f"time/stage2_{method}_s"] = time.perf_counter() - t0
+                tracker.log_metrics({"wall_seconds": timings[f"time/stage2_{method}_s"]})
+
+        # -- sampling and evaluation ------------------------------------------------------------
+        with tracker.stage(parent_id, "sampling") as (_, done):
+            t0 = time.perf_counter()
+            tracker.log_params({**params, "alpha": spec.alpha})
+            methods: dict = {m: ModelScores(score_ema, c, alpha=spec.alpha) for m, c in classifiers.items()}
+            oracle = OracleScores(data.x, data.y) if spec.oracle else None
+            if oracle is not None:
+                methods["oracle"] = oracle
+            ev = Evaluation(data, schedule, methods, classifiers, oracle=oracle, seed=spec.seed + 31)
+            for j, (m, scores) in enumerate(methods.items()):
+                ev.samples[m] = {
+                    c: _sample(spec, scores, schedule, data, c, spec.seed + 41 + 100 * j + c)
+                    for c in range(data.num_classes)
+                }
+                path = rundir / f"samples-{m}.npz"
+                np.savez_compressed(path, **{f"c{c}": x.numpy() for c, x in ev.samples[m].items()})
+                tracker.log_artifact(path, "samples")
+            results: dict[str, float] = {}
+            for suite in spec.metrics:
+                results.update(suite(ev))
+            tracker.log_metrics(results)
+            for fig_fn in spec.figures:
+                tracker.log_figure(fig_fn(ev), f"plots/{getattr(fig_fn, '__name__', 'figure')}.png")
+            if any(curves.values()):
+                tracker.log_figure(loss_curves(curves, "stage 2: classifier losses"), "plots/stage2_losses.png")
+            timings["time/sampling_eval_s"] = time.perf_counter() - t0
+            tracker.log_metrics({"wall_seconds": timings["time/sampling_eval_s"]})
+
+        tracker.log_metrics({**results, **timings})
+        tracker.log_text(gin.operative_config_str(), "config/operative_config.gin")
+    return {**results, **timings}

@@ -1,0 +1,10 @@
+"""Test-wide settings: nothing leaves loopback, no telemetry, a local MLflow store per test."""
+
+import os
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+    os.environ[var] = "http://127.0.0.1:9"  # any stray request fails fast on loopback
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
