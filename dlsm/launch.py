@@ -29,8 +29,6 @@ def main(argv: list[str] | None = None) -> int:
         print("dlsm: error: give at least one --gin FILE (try gin/moons.gin)", file=sys.stderr)
         return 2
     try:
-        import gin
-
         from dlsm import components  # noqa: F401  (registers every configurable)
         from dlsm.config import parse_config
         from dlsm.errors import ConfigError
@@ -42,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as err:  # gin: a gin.REQUIRED binding is missing
             raise ConfigError(str(err).strip().splitlines()[0]) from None
         results = run_experiment(spec, fresh=args.fresh)
-        del gin
     except DlsmError as err:
         if args.traceback:
             raise

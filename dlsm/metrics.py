@@ -85,18 +85,26 @@ def sliced_wasserstein(
 ) -> float:
     """Sliced Wasserstein-1: mean over random unit directions of W1 between the 1-D projections.
 
-    Each 1-D W1 is the mean |F_a^-1(q) - F_b^-1(q)| over the sorted quantiles of the larger set.
+    Each 1-D W1 = int_0^1 |F_a^-1(q) - F_b^-1(q)| dq is computed exactly: both empirical quantile
+    functions (F^-1(q) = sorted[ceil(q m) - 1] for m points) are constant between the union of their
+    breakpoints {i/m_a} and {j/m_b}.
     """
     a = a.reshape(a.shape[0], -1).to(torch.float64)
     b = b.reshape(b.shape[0], -1).to(torch.float64)
     dirs = torch.randn(a.shape[1], n_projections, generator=generator, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
     pa, pb = (a @ dirs).sort(dim=0).values, (b @ dirs).sort(dim=0).values
-    n = max(pa.shape[0], pb.shape[0])
-    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    qa = torch.quantile(pa, q, dim=0, interpolation="lower") if pa.shape[0] != n else pa
-    qb = torch.quantile(pb, q, dim=0, interpolation="lower") if pb.shape[0] != n else pb
-    return float((qa - qb).abs().mean())
+    ma, mb = pa.shape[0], pb.shape[0]
+    edges = torch.cat([torch.arange(ma + 1, dtype=torch.float64) / ma, torch.arange(mb + 1, dtype=torch.float64) / mb])
+    edges = torch.unique(edges)  # sorted union of both quantile functions' breakpoints
+    width, mid = edges[1:] - edges[:-1], (edges[1:] + edges[:-1]) / 2
+    qa, qb = pa[_quantile_index(mid, ma)], pb[_quantile_index(mid, mb)]
+    return float((width[:, None] * (qa - qb).abs()).sum(dim=0).mean())
+
+
+def _quantile_index(q: torch.Tensor, m: int) -> torch.Tensor:
+    """Index of the empirical q-quantile in m sorted values: ceil(q m) - 1."""
+    return (torch.ceil(q * m) - 1).long().clamp(0, m - 1)
 
 
 def _noisy_class_points(ev: Evaluation, c: int, sigma: float, n: int, g: torch.Generator) -> torch.Tensor:

@@ -13,7 +13,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import gin
@@ -56,7 +56,6 @@ class ExperimentSpec:
     figures: Sequence[Callable]
     stage1_run_id: str | None
     workdir: str
-    extra: dict = field(default_factory=dict)
 
 
 @gin.configurable

@@ -1,0 +1,283 @@
+"""Parzen oracle (dlsm.oracle) and point-set metrics (dlsm.metrics) against brute-force float64 references."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dlsm.metrics import kth_nn_distance, mean_score_distance, precision_recall, sliced_wasserstein
+from dlsm.oracle import (
+    OracleScores,
+    oracle_likelihood_score,
+    oracle_posterior_score,
+    oracle_posterior_score_fn,
+    parzen_score,
+)
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def _brute_parzen_score(data: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """grad_x log sum_i N(x; x_i, sigma^2 I) by autograd through torch.logsumexp, in float64."""
+    data = data.reshape(data.shape[0], -1).double()
+    q = x.reshape(x.shape[0], -1).double().detach().requires_grad_(True)
+    sig = torch.as_tensor(sigma, dtype=torch.float64).expand(q.shape[0])
+    d2 = (q[:, None, :] - data[None, :, :]).pow(2).sum(-1)  # direct differences, no expansion
+    log_p = torch.logsumexp(-d2 / (2.0 * sig[:, None] ** 2), dim=1)  # constants do not affect the gradient
+    (grad,) = torch.autograd.grad(log_p.sum(), q)  # queries are independent: the sum separates
+    return grad.reshape(x.shape)
+
+
+def _naive_parzen_score(data: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    data, q = data.double(), x.double()
+    w = torch.exp(-(q[:, None, :] - data[None]).pow(2).sum(-1) / (2.0 * sigma**2))
+    return (w @ data / w.sum(1, keepdim=True) - q) / sigma**2
+
+
+@SETTINGS
+@given(
+    m=st.integers(1, 40),
+    dim=st.integers(1, 4),
+    q=st.integers(1, 30),
+    query_chunk=st.integers(1, 7),
+    data_chunk=st.integers(1, 9),
+    sigma=st.floats(0.05, 5.0),
+    per_query=st.booleans(),
+    far=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_parzen_score_matches_autograd_logsumexp(m, dim, q, query_chunk, data_chunk, sigma, per_query, far, seed):
+    g = torch.Generator().manual_seed(seed)
+    data = 2.0 * torch.randn(m, dim, generator=g, dtype=torch.float64)
+    x = data[torch.randint(0, m, (q,), generator=g)] + sigma * torch.randn(q, dim, generator=g, dtype=torch.float64)
+    if per_query:
+        sig = sigma * torch.exp(torch.randn(q, generator=g, dtype=torch.float64))
+    else:
+        sig = sigma
+    # send a fraction of the queries ~1e3 sigma away, where every Gaussian weight underflows to 0
+    n_far = int(far * q)
+    if n_far:
+        direction = torch.randn(n_far, dim, generator=g, dtype=torch.float64)
+        direction = direction / direction.norm(dim=1, keepdim=True)
+        s_far = torch.as_tensor(sig, dtype=torch.float64).expand(q)[:n_far, None]
+        x[:n_far] = x[:n_far] + 1e3 * s_far * direction
+    got = parzen_score(data, x, sig, query_chunk=query_chunk, data_chunk=data_chunk)
+    ref = _brute_parzen_score(data, x, sig)
+    assert got.dtype == torch.float64 and got.shape == x.shape
+    assert bool(torch.isfinite(got).all())
+    scale = ref.norm(dim=1, keepdim=True) + 1.0 / torch.as_tensor(sig, dtype=torch.float64).expand(q)[:, None]
+    assert bool(((got - ref).abs() <= 1e-8 * scale).all())
+
+
+def test_parzen_score_far_queries_where_naive_formula_is_nan():
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(50, 2, generator=g, dtype=torch.float64)
+    sigma = 0.1
+    x = torch.tensor([[1e3 * sigma, 0.0], [0.0, -1e3 * sigma], [70.0, 70.0]], dtype=torch.float64)
+    assert bool(torch.isnan(_naive_parzen_score(data, x, sigma)).all())  # 0/0: the regime is really exercised
+    got = parzen_score(data, x, sigma, query_chunk=2, data_chunk=7)
+    ref = _brute_parzen_score(data, x, sigma)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=0.0)
+    # far away the softmax picks the nearest data point: score = (nearest - x)/sigma^2
+    nearest = data[torch.cdist(x, data).argmin(1)]
+    torch.testing.assert_close(got, (nearest - x) / sigma**2, rtol=1e-9, atol=0.0)
+
+
+def test_parzen_score_float32_and_image_shapes():
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(30, 2, 3, generator=g)
+    x = torch.randn(10, 2, 3, generator=g)
+    got = parzen_score(data, x, 0.7, query_chunk=3, data_chunk=4)
+    assert got.dtype == torch.float32 and got.shape == (10, 2, 3)
+    torch.testing.assert_close(got.double(), _brute_parzen_score(data, x, 0.7), rtol=1e-5, atol=1e-5)
+
+
+def test_parzen_score_single_point_is_gaussian_score():
+    mu = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sig = torch.linspace(0.1, 3.0, 7, dtype=torch.float64)
+    torch.testing.assert_close(parzen_score(mu, x, sig), (mu - x) / sig[:, None] ** 2, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(sigma=st.floats(0.1, 3.0), far=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_oracle_likelihood_is_posterior_minus_prior(sigma, far, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (60,), generator=g)
+    labels[:3] = torch.tensor([0, 1, 2])  # every class present
+    data = torch.randn(60, 2, generator=g, dtype=torch.float64) + 2.0 * labels[:, None]
+    x = 3.0 * torch.randn(25, 2, generator=g, dtype=torch.float64) + (300.0 * sigma if far else 0.0)
+    oracle = OracleScores(data, labels)
+    for y in range(3):
+        post_ref = _brute_parzen_score(data[labels == y], x, sigma)
+        prior_ref = _brute_parzen_score(data, x, sigma)
+        # grad log p(y|x) = grad [log sum_{i in y} exp(.) - log sum_i exp(.)], by autograd
+        q = x.clone().requires_grad_(True)
+        d2 = (q[:, None, :] - data[None]).pow(2).sum(-1) / (2.0 * sigma**2)
+        log_lik = torch.logsumexp(-d2[:, labels == y], dim=1) - torch.logsumexp(-d2, dim=1)
+        (lik_ref,) = torch.autograd.grad(log_lik.sum(), q)
+        scale = 1e-8 * (post_ref.norm(dim=1, keepdim=True) + prior_ref.norm(dim=1, keepdim=True) + 1.0 / sigma)
+        lik = oracle_likelihood_score(data, labels, x, sigma, y)
+        assert bool(((lik - lik_ref).abs() <= scale).all())
+        post = oracle_posterior_score(data, labels, x, sigma, y)
+        assert bool(((post - post_ref).abs() <= scale).all())
+        assert bool(((oracle.prior(x, sigma) - prior_ref).abs() <= scale).all())
+        assert torch.equal(oracle.likelihood(x, sigma, y), lik)
+        assert torch.equal(oracle.posterior(x, sigma, y), post)
+        assert torch.equal(oracle.posterior_fn(y)(x, sigma), post)
+        assert torch.equal(oracle_posterior_score_fn(data, labels, y)(x, sigma), post)
+        # Bayes' rule: posterior = prior + likelihood
+        assert bool(((oracle.prior(x, sigma) + lik - post).abs() <= scale).all())
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+
+
+def _dist(a: list[float], b: list[float]) -> float:
+    return math.sqrt(sum((ai - bi) ** 2 for ai, bi in zip(a, b, strict=True)))
+
+
+def _brute_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int) -> tuple[float, float]:
+    r, f = real.double().tolist(), fake.double().tolist()
+
+    def radii(pts):
+        return [sorted(_dist(p, o) for j, o in enumerate(pts) if j != i)[k - 1] for i, p in enumerate(pts)]
+
+    rr, rf = radii(r), radii(f)
+    precision = sum(any(_dist(p, o) <= rad for o, rad in zip(r, rr, strict=True)) for p in f) / len(f)
+    recall = sum(any(_dist(p, o) <= rad for o, rad in zip(f, rf, strict=True)) for p in r) / len(r)
+    return precision, recall
+
+
+@SETTINGS
+@given(
+    n_real=st.integers(6, 30),
+    n_fake=st.integers(6, 30),
+    k=st.integers(1, 5),
+    shift=st.floats(0.0, 3.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_precision_recall_matches_brute_force(n_real, n_fake, k, shift, seed):
+    g = torch.Generator().manual_seed(seed)
+    real = torch.randn(n_real, 2, generator=g)
+    fake = 1.5 * torch.randn(n_fake, 2, generator=g) + shift
+    assert precision_recall(real, fake, k=k) == pytest.approx(_brute_precision_recall(real, fake, k), abs=1e-12)
+    # k-th neighbour distances
+    rr = kth_nn_distance(real, k)
+    pts = real.double().tolist()
+    for i, p in enumerate(pts):
+        assert math.isclose(
+            float(rr[i]), sorted(_dist(p, o) for j, o in enumerate(pts) if j != i)[k - 1], rel_tol=1e-9, abs_tol=1e-12
+        )
+
+
+def test_precision_recall_known_answers():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 3, generator=g)
+    assert precision_recall(real, real.clone(), k=5) == (1.0, 1.0)
+    assert precision_recall(real, real + 1e6, k=5) == (0.0, 0.0)
+    subset = real[torch.randperm(300, generator=g)[:40]]
+    p, r = precision_recall(real, subset, k=5)
+    assert p == 1.0
+    assert r < 1.0  # 40 points cannot cover all 300 real points' neighbourhoods
+    # the k-NN balls are closed: with k + 1 copies of each point every radius is 0 and still contains its centre
+    pts = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    dup = pts.repeat_interleave(4, dim=0)
+    assert precision_recall(dup, dup.flip(0), k=3) == (1.0, 1.0)
+    assert precision_recall(dup, dup + 1e-3, k=3) == (0.0, 0.0)
+    # image-shaped input is flattened
+    assert precision_recall(real.reshape(300, 3, 1), real.reshape(300, 1, 3), k=3) == (1.0, 1.0)
+
+
+def test_sliced_wasserstein_identical_sets_is_zero():
+    a = torch.randn(500, 3, generator=torch.Generator().manual_seed(0))
+    assert sliced_wasserstein(a, a.clone(), generator=torch.Generator().manual_seed(1)) == 0.0
+    # a permutation of the same points is the same empirical distribution
+    perm = a[torch.randperm(500, generator=torch.Generator().manual_seed(2))]
+    assert sliced_wasserstein(a, perm, generator=torch.Generator().manual_seed(1)) == 0.0
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(
+    d=st.lists(st.floats(-5.0, 5.0), min_size=2, max_size=2).filter(lambda v: math.hypot(*v) > 0.5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sliced_wasserstein_of_a_pure_shift(d, seed):
+    n, n_proj = 200, 256
+    shift = torch.tensor(d, dtype=torch.float64)
+    a = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = sliced_wasserstein(a, a + shift, n_projections=n_proj, generator=torch.Generator().manual_seed(seed + 1))
+    # (1) exact: along unit u the projections are shifted by <u, d>, so each 1-D W1 is |<u, d>|; the same
+    #     generator seed gives the same directions u ~ N(0, I)/||.||
+    u = torch.randn(2, n_proj, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    u = u / u.norm(dim=0, keepdim=True)
+    assert math.isclose(got, float((shift @ u).abs().mean()), rel_tol=1e-9)
+    # (2) closed form over uniform directions in 2-D: E|<u, d>| = |d| E|cos theta| = 2|d|/pi, with
+    #     Var|cos theta| = 1/2 - 4/pi^2 giving the Monte-Carlo standard error over n_proj directions
+    norm = float(shift.norm())
+    se = norm * math.sqrt(0.5 - 4.0 / math.pi**2) / math.sqrt(n_proj)
+    assert abs(got - 2.0 * norm / math.pi) < 4.0 * se
+
+
+def test_sliced_wasserstein_independent_shifted_gaussian_clouds():
+    n, n_proj = 4000, 256
+    shift = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    b = torch.randn(n, 2, generator=g, dtype=torch.float64) + shift
+    got = sliced_wasserstein(a, b, n_projections=n_proj, generator=torch.Generator().manual_seed(6))
+    norm = float(shift.norm())
+    # direction sampling error, plus the per-direction difference of the two sample means (sd sqrt(2/n))
+    se = math.sqrt((norm**2 * (0.5 - 4.0 / math.pi**2)) / n_proj + 2.0 / n)
+    assert abs(got - 2.0 * norm / math.pi) < 4.0 * se
+
+
+def test_sliced_wasserstein_same_distribution_different_sizes_is_zero():
+    # a and a repeated twice are the same empirical distribution, so every 1-D W1 is 0
+    a = torch.tensor([[0.0], [1.0]])
+    assert sliced_wasserstein(a, a.repeat(2, 1), n_projections=4, generator=torch.Generator().manual_seed(0)) == 0.0
+
+
+@SETTINGS
+@given(b=st.integers(1, 20), shape=st.sampled_from([(2,), (3, 2)]), seed=st.integers(0, 2**31 - 1))
+def test_mean_score_distance_matches_manual(b, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    est, ref = torch.randn((b, *shape), generator=g), torch.randn((b, *shape), generator=g)
+    manual = (
+        sum(
+            math.sqrt(sum((float(p) - float(q)) ** 2 for p, q in zip(e.flatten(), r.flatten(), strict=True)))
+            for e, r in zip(est, ref, strict=True)
+        )
+        / b
+    )
+    assert math.isclose(mean_score_distance(est, ref), manual, rel_tol=1e-12)
+    assert mean_score_distance(est, est) == 0.0
+
+
+def test_brute_force_helpers_are_consistent():
+    """The reference implementations agree with each other (guards the references, not the library)."""
+    data = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(_brute_parzen_score(data, x, 0.8), _naive_parzen_score(data, x, 0.8))
+    pts = [[0.0, 0.0], [3.0, 4.0]]
+    assert [_dist(a, b) for a, b in itertools.product(pts, pts)] == [0.0, 5.0, 5.0, 0.0]
+
+
+@SETTINGS
+@given(ma=st.integers(1, 40), mb=st.integers(1, 40), seed=st.integers(0, 10_000))
+def test_sliced_wasserstein_in_one_dimension_is_exact_w1(ma, mb, seed):
+    # in 1-D every unit direction is +-1, so sliced W1 is the W1 of the two empirical distributions
+    from scipy.stats import wasserstein_distance
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(ma, 1, generator=g, dtype=torch.float64)
+    b = 2 + torch.randn(mb, 1, generator=g, dtype=torch.float64)
+    got = sliced_wasserstein(a, b, n_projections=3, generator=g)
+    assert math.isclose(got, wasserstein_distance(a[:, 0].numpy(), b[:, 0].numpy()), rel_tol=1e-9, abs_tol=1e-12)

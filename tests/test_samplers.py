@@ -1,0 +1,193 @@
+"""Samplers (dlsm.samplers) driven by the exact score of a Gaussian, checked against the law they must produce.
+
+With score(x, sigma) = -(x - mu)/(s^2 + sigma^2) every sampler update is affine in x plus independent
+Gaussian noise, so the output is exactly Gaussian and its mean and variance follow a scalar float64
+recursion per coordinate (:func:`_langevin_law`, :func:`_pc_law`). That recursion is the independent
+reference; the tolerances are 4 standard errors of the sample mean (sqrt(v/n)) and of the sample variance
+(v sqrt(2/(n-1)), exact for Gaussian samples).
+
+Note on the reference: annealed Langevin with T = 5 steps per level cannot fully re-equilibrate at the
+levels where sigma_i < s, so its output is over-dispersed: with Technique 4's eps and 40 scales from 20
+to 0.01 the variance is ~1.27 s^2 (independently of s), and the predictor-corrector sampler's is ~1.04 s^2.
+The means are within 0.25 standard errors of mu for |mu| <= 2. The tests therefore compare the variance with
+the exact law and separately bound how far that law is from s^2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dlsm.samplers import annealed_langevin, predictor_corrector, prior_sample
+from dlsm.schedules import geometric_sigmas, technique4_step_size
+
+Z = 4.0
+N = 10_000
+SIGMA_MAX, SIGMA_MIN, L, T = 20.0, 0.01, 40, 5
+SIGMAS = geometric_sigmas(SIGMA_MAX, SIGMA_MIN, L)
+EPS = technique4_step_size((SIGMA_MAX / SIGMA_MIN) ** (1.0 / (L - 1)), SIGMA_MIN, T)
+SNR = 0.16
+
+
+def gaussian_score(mu: torch.Tensor, s: float):
+    def score(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        assert sigma.shape == (x.shape[0],)
+        return -(x - mu) / (s**2 + sigma[:, None] ** 2)
+
+    return score
+
+
+def _sigmas() -> list[float]:
+    return [float(v) for v in SIGMAS]  # the float32 values the samplers actually use
+
+
+def _langevin_law(mu: float, s: float, eps: float) -> tuple[float, float]:
+    """Mean and variance of one output coordinate of annealed_langevin started from N(0, sigma_max^2)."""
+    sig = _sigmas()
+    m, v, sl = 0.0, sig[0] ** 2, sig[-1]
+    for si in sig:
+        a = eps * si**2 / sl**2
+        k = 1.0 - a / (s**2 + si**2)
+        for _ in range(T):
+            m, v = mu + k * (m - mu), k * k * v + 2.0 * a
+    f = 1.0 - sl**2 / (s**2 + sl**2)  # Tweedie: x + sigma_L^2 score
+    return mu + f * (m - mu), f * f * v
+
+
+def _pc_law(mu: float, s: float, snr: float) -> tuple[float, float]:
+    """Mean and variance of predictor_corrector's output, treating its batch-averaged corrector step
+    2 (snr mean||z|| / mean||score||)^2 by its large-batch limit 2 snr^2 V^2 / v (both norms are chi-distributed
+    with the same dof, scaled by 1 and sqrt(v)/V), which is exact up to O(1/n)."""
+    sig = _sigmas()
+    m, v = 0.0, sig[0] ** 2
+    for i, si in enumerate(sig):
+        big_v = s**2 + si**2
+        step = 2.0 * (snr * big_v) ** 2 / v
+        k = 1.0 - step / big_v
+        m, v = mu + k * (m - mu), k * k * v + 2.0 * step
+        last = i + 1 == len(sig)
+        d = si**2 - (0.0 if last else sig[i + 1] ** 2)
+        k = 1.0 - d / big_v
+        m, v = mu + k * (m - mu), k * k * v + (0.0 if last else d)
+    return m, v
+
+
+def _moments_ok(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> bool:
+    """Every coordinate's sample mean and variance within Z standard errors of (mean, var)."""
+    n = x.shape[0]
+    xd = x.double()
+    mean_ok = ((xd.mean(0) - mean).abs() < Z * (var / n).sqrt()).all()
+    var_ok = ((xd.var(0) - var).abs() < Z * var * math.sqrt(2.0 / (n - 1))).all()
+    return bool(mean_ok and var_ok)
+
+
+def _run(sampler: str, score, *, seed: int, n: int = N) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x0 = prior_sample((n, 2), SIGMA_MAX, generator=g)
+    if sampler == "langevin":
+        return annealed_langevin(score, x0, SIGMAS, eps=EPS, n_steps_each=T, generator=g, disable=True)
+    return predictor_corrector(score, x0, SIGMAS, snr=SNR, generator=g, disable=True)
+
+
+def _law(sampler: str, mu: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    laws = [_langevin_law(float(m), s, EPS) if sampler == "langevin" else _pc_law(float(m), s, SNR) for m in mu]
+    mean = torch.tensor([a for a, _ in laws], dtype=torch.float64)
+    return mean, torch.tensor([b for _, b in laws], dtype=torch.float64)
+
+
+CASES = st.tuples(st.floats(-2.0, 2.0), st.floats(-2.0, 2.0), st.floats(0.3, 3.0), st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(case=CASES, sampler=st.sampled_from(["langevin", "pc"]))
+def test_sampler_matches_gaussian_law_and_wrong_scores_fail(case, sampler):
+    m0, m1, s, seed = case
+    mu = torch.tensor([m0, m1])
+    mean, var = _law(sampler, mu, s)
+    # the law itself is close to the target N(mu, s^2): its mean is within 0.25 standard errors of mu
+    # (the predictor's Euler steps leave ~0.15% of the initial offset -mu), its variance inflated by a bounded factor
+    assert bool(((mean - mu.double()).abs() < 0.25 * (var / N).sqrt()).all())
+    lo, hi = (1.15, 1.40) if sampler == "langevin" else (1.0, 1.08)
+    assert lo * s**2 < float(var.min()) and float(var.max()) < hi * s**2
+
+    x = _run(sampler, gaussian_score(mu, s), seed=seed)
+    assert x.shape == (N, 2) and x.dtype == torch.float32
+    assert _moments_ok(x, mean, var)
+
+    # the same check rejects a score whose mean is off by 0.3 s, and one whose spread is off by 30%
+    shifted = _run(sampler, gaussian_score(mu + 0.3 * s, s), seed=seed)
+    assert not _moments_ok(shifted, mean, var)
+    wide = _run(sampler, gaussian_score(mu, 1.3 * s), seed=seed)
+    assert not _moments_ok(wide, mean, var)
+
+
+def test_langevin_denoise_is_tweedie_step():
+    mu, s = torch.tensor([1.0, -2.0]), 0.05  # s comparable to sigma_L, so Tweedie's shrinkage is visible
+    score = gaussian_score(mu, s)
+    runs = {}
+    for denoise in (False, True):
+        g = torch.Generator().manual_seed(3)
+        x0 = prior_sample((N, 2), SIGMA_MAX, generator=g)
+        runs[denoise] = annealed_langevin(score, x0, SIGMAS, eps=EPS, denoise=denoise, generator=g, disable=True)
+    raw, den = runs[False], runs[True]
+    # the same random path, then x + sigma_L^2 score(x, sigma_L) = mu + f (x - mu), f = s^2/(s^2 + sigma_L^2)
+    sl = float(SIGMAS[-1])
+    f = s**2 / (s**2 + sl**2)
+    torch.testing.assert_close(den, mu + f * (raw - mu), rtol=1e-5, atol=1e-6)
+    mean, var = _law("langevin", mu, s)
+    assert _moments_ok(den, mean, var)
+    assert _moments_ok(raw, mu.double() + (mean - mu.double()) / f, var / f**2)
+    assert not _moments_ok(raw, mean, var)  # f = 0.96 here: the shrinkage is detectable
+
+
+@pytest.mark.parametrize("sampler", ["langevin", "pc"])
+@pytest.mark.parametrize("s", [0.05, 0.3, 1.0])
+def test_sampler_variance_precisely(sampler, s):
+    """200,000 samples: the variance standard error is 0.3%, so a few-percent error in any noise term shows
+    (s = 0.05 makes the final Tweedie step, a factor (s^2/(s^2 + sigma_L^2))^2 = 0.92 on the variance, visible)."""
+    mu = torch.tensor([0.5, -1.0])
+    mean, var = _law(sampler, mu, s)
+    x = _run(sampler, gaussian_score(mu, s), seed=17, n=200_000)
+    assert _moments_ok(x, mean, var)
+
+
+def test_prior_sample_is_ve_prior():
+    n = 20_000
+    x = prior_sample((n, 3), 7.0, generator=torch.Generator().manual_seed(0))
+    assert _moments_ok(x, torch.zeros(3, dtype=torch.float64), torch.full((3,), 49.0, dtype=torch.float64))
+
+
+def test_samplers_are_reproducible_and_leave_global_rng_alone():
+    mu, s = torch.tensor([0.5, 0.5]), 1.0
+    torch.manual_seed(1234)
+    for sampler in ("langevin", "pc"):
+        before = torch.get_rng_state().clone()
+        a = _run(sampler, gaussian_score(mu, s), seed=42, n=300)
+        after = torch.get_rng_state()
+        assert torch.equal(before, after), sampler
+        b = _run(sampler, gaussian_score(mu, s), seed=42, n=300)
+        c = _run(sampler, gaussian_score(mu, s), seed=43, n=300)
+        assert torch.equal(a, b), sampler
+        assert not torch.equal(a, c), sampler
+
+
+def test_callback_sees_every_level_in_order():
+    seen: list[tuple[int, float]] = []
+    x0 = prior_sample((8, 2), SIGMA_MAX, generator=torch.Generator().manual_seed(0))
+    for fn, kw in ((annealed_langevin, {"eps": EPS}), (predictor_corrector, {})):
+        seen.clear()
+        fn(
+            gaussian_score(torch.zeros(2), 1.0),
+            x0,
+            SIGMAS,
+            generator=torch.Generator().manual_seed(0),
+            callback=lambda info: seen.append((info["i"], info["sigma"])),
+            disable=True,
+            **kw,
+        )
+        assert [i for i, _ in seen] == list(range(L))
+        assert [sg for _, sg in seen] == _sigmas()

@@ -1,0 +1,321 @@
+"""Noise schedules and the NCSNv2 techniques (dlsm.schedules), each checked against an independent computation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dlsm.errors import ConfigError
+from dlsm.schedules import (
+    geometric_sigmas,
+    langevin_step_sizes,
+    log_uniform_sigmas,
+    max_pairwise_distance,
+    noise_schedule,
+    proposition3_ratio,
+    technique2_num_scales,
+    technique2_overlap,
+    technique2_ratio,
+    technique4_step_size,
+)
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def _phi(x: float) -> float:
+    """Standard normal CDF via erf (independent of scipy.special.ndtr used by the library)."""
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def _overlap_ref(gamma: float, dim: int) -> float:
+    a = math.sqrt(2.0 * dim) * (gamma - 1.0)
+    return _phi(a + 3.0 * gamma) - _phi(a - 3.0 * gamma)
+
+
+def _ratio_ref(eps: np.ndarray, gamma: float, sigma_min: float, n_steps: int) -> np.ndarray:
+    """Proposition 3 written out again in numpy float64, vectorised over eps."""
+    s2 = sigma_min**2
+    k = 1.0 - eps / s2
+    c = 2.0 * eps / (s2 - s2 * k**2)
+    return k ** (2 * n_steps) * (gamma**2 - c) + c
+
+
+def _brute_force_min_gap(gamma: float, sigma_min: float, n_steps: int) -> tuple[float, float]:
+    """(min |ratio - 1|, argmin eps) over a dense grid of eps in (0, sigma_min^2)."""
+    s2 = sigma_min**2
+    grid = np.concatenate([np.geomspace(s2 * 1e-8, s2 * 0.999, 400_001), np.linspace(s2 * 1e-3, s2 * 0.999, 100_001)])
+    gap = np.abs(_ratio_ref(grid, gamma, sigma_min, n_steps) - 1.0)
+    i = int(np.argmin(gap))
+    return float(gap[i]), float(grid[i])
+
+
+# --------------------------------------------------------------------------------------------
+# geometric sigmas and step sizes
+# --------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    sigma_min=st.floats(1e-3, 1.0),
+    log_ratio=st.floats(math.log(2.0), math.log(1e5)),
+    n=st.integers(2, 300),
+)
+def test_geometric_sigmas_descending_endpoints_constant_ratio(sigma_min, log_ratio, n):
+    sigma_max = sigma_min * math.exp(log_ratio)
+    sig = geometric_sigmas(sigma_max, sigma_min, n)
+    assert sig.shape == (n,)
+    assert sig.dtype == torch.float32
+    s = sig.double()
+    assert bool((s[1:] < s[:-1]).all())
+    assert math.isclose(float(s[0]), sigma_max, rel_tol=1e-6)
+    assert math.isclose(float(s[-1]), sigma_min, rel_tol=1e-6)
+    expected_ratio = (sigma_max / sigma_min) ** (1.0 / (n - 1))
+    ratios = (s[:-1] / s[1:]).numpy()
+    np.testing.assert_allclose(ratios, expected_ratio, rtol=2e-7 * 4)
+    # and each element is the closed form sigma_max * (sigma_min/sigma_max)^(i/(n-1))
+    closed = [sigma_max * (sigma_min / sigma_max) ** (i / (n - 1)) for i in range(n)]
+    np.testing.assert_allclose(s.numpy(), closed, rtol=1e-6)
+
+
+@pytest.mark.parametrize("args", [(1.0, 1.0, 10), (1.0, 2.0, 10), (1.0, 0.0, 10), (1.0, 0.1, 1)])
+def test_geometric_sigmas_rejects_bad_arguments(args):
+    with pytest.raises(ConfigError):
+        geometric_sigmas(*args)
+
+
+def test_langevin_step_sizes_follow_ncsnv2_rule():
+    sig = geometric_sigmas(30.0, 0.05, 17)
+    eps = 3.3e-6
+    alpha = langevin_step_sizes(sig, eps)
+    sl = float(sig[-1])
+    expected = [eps * float(s) ** 2 / sl**2 for s in sig]
+    np.testing.assert_allclose(alpha.double().numpy(), expected, rtol=1e-6)
+    assert math.isclose(float(alpha[-1]), eps, rel_tol=1e-6)
+
+
+def test_log_uniform_sigmas_is_log_uniform():
+    lo, hi, n = 0.01, 50.0, 20_000
+    s = log_uniform_sigmas(n, lo, hi, generator=torch.Generator().manual_seed(0)).double()
+    assert bool((s >= lo * (1 - 1e-6)).all()) and bool((s <= hi * (1 + 1e-6)).all())
+    # log sigma ~ U(a, b): mean (a+b)/2, sd (b-a)/sqrt(12)
+    a, b = math.log(lo), math.log(hi)
+    se = (b - a) / math.sqrt(12.0) / math.sqrt(n)
+    assert abs(float(s.log().mean()) - 0.5 * (a + b)) < 4 * se
+    # fraction below the geometric midpoint is 1/2 (binomial standard error)
+    frac = float((s < math.sqrt(lo * hi)).double().mean())
+    assert abs(frac - 0.5) < 4 * math.sqrt(0.25 / n)
+
+
+# --------------------------------------------------------------------------------------------
+# Technique 1
+# --------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    n=st.integers(2, 37),
+    shape=st.sampled_from([(1,), (2,), (5,), (2, 3), (3, 1, 2)]),
+    chunk=st.integers(1, 8),
+    offset=st.floats(-50.0, 50.0),
+    scale=st.floats(0.01, 20.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_max_pairwise_distance_matches_brute_force(n, shape, chunk, offset, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = offset + scale * torch.randn((n, *shape), generator=g, dtype=torch.float64)
+    rows = x.reshape(n, -1).tolist()
+    brute = 0.0
+    for a, b in itertools.product(rows, rows):
+        brute = max(brute, math.sqrt(sum((ai - bi) ** 2 for ai, bi in zip(a, b, strict=True))))
+    got = max_pairwise_distance(x, chunk_size=chunk)
+    assert math.isclose(got, brute, rel_tol=1e-9, abs_tol=1e-9 * (abs(offset) + scale))
+    flat = x.reshape(n, -1)
+    assert math.isclose(got, float(torch.cdist(flat, flat).max()), rel_tol=1e-9, abs_tol=1e-9 * (abs(offset) + scale))
+    # float32 input and the default chunk size give the same answer up to float32 rounding of the data
+    got32 = max_pairwise_distance(x.float())
+    assert math.isclose(got32, brute, rel_tol=1e-5, abs_tol=1e-5 * (abs(offset) + scale))
+
+
+def test_max_pairwise_distance_known_answer():
+    # a unit square's diagonal, with a duplicate and the chunk size not dividing N
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    assert math.isclose(max_pairwise_distance(x, chunk_size=2), math.sqrt(2.0), rel_tol=1e-12)
+    assert max_pairwise_distance(x[:1], chunk_size=2) == 0.0
+
+
+def test_max_pairwise_distance_of_identical_points_is_zero():
+    x = 19.0 * torch.randn((1, 5), generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    assert max_pairwise_distance(x.repeat(3, 1), chunk_size=1) < 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# Technique 2
+# --------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(gamma=st.floats(1.0, 1.5), dim=st.integers(1, 100_000))
+def test_technique2_overlap_matches_erf_formula(gamma, dim):
+    assert math.isclose(technique2_overlap(gamma, dim), _overlap_ref(gamma, dim), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_technique2_cifar10_default_overlap_gives_220_scales():
+    d, smax, smin = 3072, 50.0, 0.01
+    gamma = technique2_ratio(d)
+    assert gamma > 1.0
+    assert math.isclose(_overlap_ref(gamma, d), 0.5, abs_tol=1e-9)
+    assert technique2_num_scales(smax, smin, d) == 220
+    # 220 is the smallest count whose geometric ratio does not exceed gamma:
+    # with 220 scales the overlap is >= 0.5, with 219 it is < 0.5.
+    assert _overlap_ref((smax / smin) ** (1 / 219), d) >= 0.5
+    assert _overlap_ref((smax / smin) ** (1 / 218), d) < 0.5
+
+
+# With N = ceil(log(sigma_max/sigma_min)/log gamma) + 1 the overlaps reproducing each count are CIFAR-10
+# [0.5640, 0.5670], CelebA [0.5647, 0.5669], church [0.5648, 0.5662], bedroom [0.5654, 0.5665], FFHQ [0.5664, 0.5669]:
+# church and FFHQ do not intersect, so no one overlap gives all five; 0.566 gives four exactly and FFHQ - 1.
+_NCSNV2 = [
+    pytest.param(3072, 50.0, 232, 0, id="cifar10"),
+    pytest.param(12288, 90.0, 500, 0, id="celeba"),
+    pytest.param(3 * 96 * 96, 140.0, 788, 0, id="church"),
+    pytest.param(3 * 128 * 128, 190.0, 1086, 0, id="bedroom"),
+    pytest.param(3 * 256 * 256, 348.0, 2311, -1, id="ffhq"),
+]
+
+
+@pytest.mark.parametrize(("dim", "sigma_max", "published", "offset"), _NCSNV2)
+def test_technique2_reproduces_ncsnv2_published_counts(dim, sigma_max, published, offset):
+    assert technique2_num_scales(sigma_max, 0.01, dim, overlap=0.566) == published + offset
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3, 4])
+def test_technique2_low_dimension_raises(dim):
+    with pytest.raises(ConfigError):
+        technique2_ratio(dim)
+    with pytest.raises(ConfigError):
+        technique2_num_scales(10.0, 0.01, dim)
+
+
+# --------------------------------------------------------------------------------------------
+# Proposition 3 / Technique 4
+# --------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    eps_frac=st.floats(1e-4, 0.999),
+    gamma=st.floats(1.001, 3.0),
+    sigma_min=st.floats(1e-3, 2.0),
+    level=st.floats(1.0, 1e4),
+    n_steps=st.integers(1, 12),
+)
+def test_proposition3_ratio_matches_variance_recursion(eps_frac, gamma, sigma_min, level, n_steps):
+    """For data concentrated at 0, p_sigma_i = N(0, sigma_i^2): one Langevin step is
+    x <- (1 - a/sigma_i^2) x + sqrt(2a) z, so Var <- (1 - a/sigma_i^2)^2 Var + 2a, a = eps sigma_i^2/sigma_L^2,
+    starting from the previous level's variance sigma_{i-1}^2 = gamma^2 sigma_i^2."""
+    eps = eps_frac * sigma_min**2
+    sigma_i = sigma_min * level
+    a = eps * sigma_i**2 / sigma_min**2
+    v = gamma**2 * sigma_i**2
+    for _ in range(n_steps):
+        v = (1.0 - a / sigma_i**2) ** 2 * v + 2.0 * a
+    assert math.isclose(proposition3_ratio(eps, gamma, sigma_min, n_steps), v / sigma_i**2, rel_tol=1e-8)
+
+
+def test_technique4_cifar10_step_size_and_minimality():
+    gamma, sigma_min, t = (50.0 / 0.01) ** (1.0 / 231), 0.01, 5
+    eps = technique4_step_size(gamma, sigma_min, t)
+    assert f"{eps:.1e}" == "6.2e-06"
+    assert 0.0 < eps < sigma_min**2
+    best_gap, best_eps = _brute_force_min_gap(gamma, sigma_min, t)
+    gap = abs(float(_ratio_ref(np.array(eps), gamma, sigma_min, t)) - 1.0)
+    assert gap <= best_gap * (1.0 + 1e-9)
+    assert math.isclose(eps, best_eps, rel_tol=1e-3)
+
+
+@settings(max_examples=10, deadline=None)
+@given(gamma=st.floats(1.01, 1.5), sigma_min=st.floats(1e-3, 1.0), n_steps=st.integers(1, 10))
+def test_technique4_is_a_minimiser(gamma, sigma_min, n_steps):
+    eps = technique4_step_size(gamma, sigma_min, n_steps)
+    best_gap, _ = _brute_force_min_gap(gamma, sigma_min, n_steps)
+    gap = abs(float(_ratio_ref(np.array(eps), gamma, sigma_min, n_steps)) - 1.0)
+    assert gap <= best_gap * (1.0 + 1e-7) + 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# noise_schedule
+# --------------------------------------------------------------------------------------------
+
+
+def _data(n: int = 120, dim: int = 8, seed: int = 0) -> torch.Tensor:
+    return 3.0 * torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_noise_schedule_all_auto():
+    data = _data()
+    sched = noise_schedule(data, n_steps_each=4)
+    flat = data.double()
+    smax = float(torch.cdist(flat, flat).max())
+    assert math.isclose(sched.sigma_max, smax, rel_tol=1e-6)
+    assert math.isclose(sched.sigma_min, 0.01, rel_tol=1e-6)
+    n = len(sched.sigmas)
+    dim = data.shape[1]
+    # Technique 2: n is the fewest scales whose geometric ratio keeps the overlap >= 0.5
+    assert _overlap_ref((smax / 0.01) ** (1.0 / (n - 1)), dim) >= 0.5 - 1e-9
+    assert _overlap_ref((smax / 0.01) ** (1.0 / (n - 2)), dim) < 0.5
+    # Technique 4 at the schedule's ratio
+    gamma = (smax / 0.01) ** (1.0 / (n - 1))
+    best_gap, _ = _brute_force_min_gap(gamma, 0.01, 4)
+    assert abs(float(_ratio_ref(np.array(sched.eps), gamma, 0.01, 4)) - 1.0) <= best_gap * (1 + 1e-7)
+    assert sched.n_steps_each == 4
+    params = sched.as_params()
+    assert params["schedule.num_scales"] == n and params["schedule.n_steps_each"] == 4
+    assert params["schedule.eps"] == sched.eps
+
+
+def test_noise_schedule_numbers_are_used_verbatim():
+    sched = noise_schedule(_data(dim=2), sigma_max=7.0, sigma_min=0.1, num_scales=12, eps=3e-5, n_steps_each=3)
+    expected = [7.0 * (0.1 / 7.0) ** (i / 11) for i in range(12)]
+    np.testing.assert_allclose(sched.sigmas.double().numpy(), expected, rtol=1e-6)
+    assert sched.eps == 3e-5
+    assert sched.n_steps_each == 3
+    # an integral float is an acceptable scale count
+    assert len(noise_schedule(_data(dim=2), sigma_max=7.0, num_scales=12.0, eps=1e-5).sigmas) == 12
+
+
+def test_noise_schedule_auto_sigma_max_with_numeric_rest():
+    data = _data(n=50, dim=2, seed=3)
+    sched = noise_schedule(data, num_scales=5, eps=1e-6)
+    assert math.isclose(sched.sigma_max, float(torch.cdist(data.double(), data.double()).max()), rel_tol=1e-6)
+
+
+def test_noise_schedule_two_dimensional_auto_scales_raises():
+    with pytest.raises(ConfigError):
+        noise_schedule(_data(dim=2), sigma_max=10.0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    field=st.sampled_from(["sigma_max", "sigma_min", "num_scales", "eps"]),
+    bad=st.one_of(st.text(max_size=5).filter(lambda s: s != "auto"), st.just("abc"), st.booleans(), st.none()),
+)
+def test_noise_schedule_bad_values_raise_config_error(field, bad):
+    kwargs = {"sigma_max": 10.0, "sigma_min": 0.01, "num_scales": 10, "eps": 1e-5, field: bad}
+    with pytest.raises(ConfigError):
+        noise_schedule(_data(dim=2), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_scales": 2.5}, {"n_steps_each": 0}, {"n_steps_each": 1.5}, {"sigma_min": "auto"}, {"sigma_max": "abc"}],
+)
+def test_noise_schedule_other_bad_values(kwargs):
+    base = {"sigma_max": 10.0, "num_scales": 10, "eps": 1e-5}
+    with pytest.raises(ConfigError):
+        noise_schedule(_data(dim=2), **{**base, **kwargs})
