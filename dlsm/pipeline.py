@@ -108,6 +108,51 @@ def _sample(spec: ExperimentSpec, scores, schedule: NoiseSchedule, data: Labelle
     return spec.sampler(scores.posterior_fn(c), x0, schedule.sigmas, generator=gen, **kwargs)
 
 
+def _train_stage(
+    spec: ExperimentSpec,
+    tracker: Tracker,
+    parent_id: str,
+    stage: str,
+    scope: str,
+    ckpt: Path,
+    *,
+    build: Callable[[], nn.Module],
+    loss_fn: Callable,
+    data: LabelledData,
+    schedule: NoiseSchedule,
+    params: dict,
+    seed_offset: int,
+    timings: dict[str, float],
+    train_seed_offset: int = 11,
+    stage_label: str = "score",
+) -> tuple[nn.Module, list[tuple[int, float]]]:
+    """Train one network in its gin ``scope`` inside the child run ``stage``; returns (EMA network, losses).
+
+    Every network of a stage starts from the same seed (``seed_offset``), so methods compare fairly.
+    A stage FINISHED in MLflow whose local checkpoint is gone fetches it from its run's artifacts.
+    """
+    with tracker.stage(parent_id, stage) as (run_id, done):
+        t0 = time.perf_counter()
+        tracker.log_params(params)
+        seed_everything(spec.seed + seed_offset)
+        with gin.config_scope(scope):
+            model = build()
+            if done and not ckpt.exists():
+                fetched = tracker.download_checkpoint(run_id, stage, ckpt.name, key=stage, require_finished=False)
+                shutil.copy(fetched, ckpt)
+            res = train(
+                model, loss_fn, data, schedule, ckpt_path=ckpt, seed=spec.seed + train_seed_offset,
+                stage=stage_label, log_fn=tracker.log_metrics,
+            )
+        if not done:
+            tracker.log_artifact(ckpt, "checkpoints")
+            if res.losses:
+                tracker.log_figure(loss_curves({stage_label: res.losses}, stage), "plots/loss.png")
+        timings[f"time/{stage}_s"] = time.perf_counter() - t0
+        tracker.log_metrics({"wall_seconds": timings[f"time/{stage}_s"]})
+    return res.ema, res.losses
+
+
 def run_experiment(spec: ExperimentSpec, *, fresh: bool = False) -> dict[str, float]:
     """Run (or resume) the whole experiment; returns the final metrics."""
     chash = cfg.config_hash()
@@ -130,61 +175,39 @@ def run_experiment(spec: ExperimentSpec, *, fresh: bool = False) -> dict[str, fl
         tracker.log_params(schedule.as_params())
 
         # -- stage 1: score model s(x~; phi) with DSM ----------------------------------------
-        with tracker.stage(parent_id, STAGE1) as (_, done):
-            t0 = time.perf_counter()
-            tracker.log_params({**params, **schedule.as_params()})
-            seed_everything(spec.seed + 1)
-            with gin.config_scope("score"):
-                model = spec.score_model(dim=data.dim)
-            ckpt = rundir / "score.pt"
-            if spec.stage1_run_id:
-                score_ema = load_ema_weights(model, tracker.download_stage1_checkpoint(spec.stage1_run_id))
-                tracker.log_params({"reused_stage1_run_id": spec.stage1_run_id})
-            else:
+        timings: dict[str, float] = {}
+        if spec.stage1_run_id:
+            with tracker.stage(parent_id, STAGE1):
+                tracker.log_params({**params, "reused_stage1_run_id": spec.stage1_run_id})
+                seed_everything(spec.seed + 1)
                 with gin.config_scope("score"):
-                    res = train(
-                        model,
-                        lambda m, x, y, s, n: spec.score_loss(m, x, s, n),
-                        data, schedule, ckpt_path=ckpt, seed=spec.seed + 11, stage="score",
-                        log_fn=tracker.log_metrics,
-                    )
-                score_ema = res.ema
-                if not done:
-                    tracker.log_artifact(ckpt, "checkpoints")
-                    if res.losses:
-                        tracker.log_figure(loss_curves({"DSM": res.losses}, "stage 1: DSM"), "plots/loss.png")
-            timings = {"time/stage1_s": time.perf_counter() - t0}
-            tracker.log_metrics({"wall_seconds": timings["time/stage1_s"]})
+                    model = spec.score_model(dim=data.dim)
+                score_ema = load_ema_weights(
+                    model, tracker.download_checkpoint(spec.stage1_run_id, STAGE1, key="experiment.stage1_run_id")
+                )
+        else:
+            score_ema, _ = _train_stage(
+                spec, tracker, parent_id, STAGE1, "score", rundir / "score.pt",
+                build=lambda: spec.score_model(dim=data.dim),
+                loss_fn=lambda m, x, y, s, n: spec.score_loss(m, x, s, n),
+                data=data, schedule=schedule, params=params, seed_offset=1, timings=timings,
+            )
         score_ema.requires_grad_(False)
 
         # -- stage 2: one classifier p(y|x~; theta) per loss, score model frozen -------------
         classifiers: dict[str, nn.Module] = {}
         curves: dict[str, list] = {}
         for k, (method, loss) in enumerate(spec.classifier_losses.items()):
-            with tracker.stage(parent_id, f"stage2-{method}") as (_, done):
-                t0 = time.perf_counter()
-                tracker.log_params({**params, "method": method})
-                seed_everything(spec.seed + 2)  # every method starts from the same weights
-                with gin.config_scope("classifier"):
-                    clf = spec.classifier(dim=data.dim, num_classes=data.num_classes)
-                    ckpt = rundir / f"classifier-{method}.pt"
-                    res = train(
-                        clf,
-                        lambda m, x, y, s, n, loss=loss: loss(m, score_ema, x, y, s, n),
-                        data, schedule, ckpt_path=ckpt, seed=spec.seed + 21 + k, stage=method,
-                        log_fn=tracker.log_metrics,
-                    )
-                classifiers[method] = res.ema
-                curves[method] = res.losses
-                if not done:
-                    tracker.log_artifact(ckpt, "checkpoints")
-                    if res.losses:
-                        tracker.log_figure(loss_curves({method: res.losses}, f"stage 2: {method}"), "plots/loss.png")
-                timings[f"time/stage2_{method}_s"] = time.perf_counter() - t0
-                tracker.log_metrics({"wall_seconds": timings[f"time/stage2_{method}_s"]})
+            classifiers[method], curves[method] = _train_stage(
+                spec, tracker, parent_id, f"stage2-{method}", "classifier", rundir / f"classifier-{method}.pt",
+                build=lambda: spec.classifier(dim=data.dim, num_classes=data.num_classes),
+                loss_fn=lambda m, x, y, s, n, loss=loss: loss(m, score_ema, x, y, s, n),
+                data=data, schedule=schedule, params={**params, "method": method},
+                seed_offset=2, train_seed_offset=21 + k, stage_label=method, timings=timings,
+            )
 
         # -- sampling and evaluation ------------------------------------------------------------
-        with tracker.stage(parent_id, "sampling") as (_, done):
+        with tracker.stage(parent_id, "sampling"):
             t0 = time.perf_counter()
             tracker.log_params({**params, "alpha": spec.alpha})
             methods: dict = {m: ModelScores(score_ema, c, alpha=spec.alpha) for m, c in classifiers.items()}
@@ -208,8 +231,8 @@ def run_experiment(spec: ExperimentSpec, *, fresh: bool = False) -> dict[str, fl
                 tracker.log_figure(fig_fn(ev), f"plots/{getattr(fig_fn, '__name__', 'figure')}.png")
             if any(curves.values()):
                 tracker.log_figure(loss_curves(curves, "stage 2: classifier losses"), "plots/stage2_losses.png")
-            timings["time/sampling_eval_s"] = time.perf_counter() - t0
-            tracker.log_metrics({"wall_seconds": timings["time/sampling_eval_s"]})
+            timings["time/sampling_s"] = time.perf_counter() - t0
+            tracker.log_metrics({"wall_seconds": timings["time/sampling_s"]})
 
         tracker.log_metrics({**results, **timings})
         tracker.log_text(gin.operative_config_str(), "config/operative_config.gin")

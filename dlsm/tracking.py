@@ -127,24 +127,29 @@ class Tracker:
         mlflow.log_figure(fig, artifact_file)
         plt.close(fig)
 
-    def download_stage1_checkpoint(self, run_id: str, artifact: str = "checkpoints/score.pt") -> Path:
-        """The stage-1 score checkpoint of ``run_id`` (a stage-1 child run or its parent)."""
+    def download_checkpoint(
+        self, run_id: str, stage: str, name: str = "score.pt", *, key: str, require_finished: bool = True
+    ) -> Path:
+        """``checkpoints/<name>`` of the ``stage`` child run ``run_id``, or of that stage's child of a parent run.
+
+        ``key`` names what the user set (for the one-line error)."""
         try:
             run = self.client.get_run(run_id)
         except Exception:
             uri = default_tracking_uri()
-            raise ConfigError(f"experiment.stage1_run_id: no MLflow run {run_id!r} in {uri}") from None
-        if run.data.tags.get("dlsm.stage") != "stage1-score":
-            child = self.child(run_id, "stage1-score")
+            raise ConfigError(f"{key}: no MLflow run {run_id!r} in {uri}") from None
+        if run.data.tags.get("dlsm.stage") != stage:
+            child = self.child(run_id, stage)
             if child is None:
-                raise ConfigError(f"experiment.stage1_run_id: run {run_id} has no stage1-score child run")
+                raise ConfigError(f"{key}: run {run_id} has no {stage} child run")
             run = child
-        if run.info.status != "FINISHED":
-            raise ConfigError(f"experiment.stage1_run_id: stage-1 run {run.info.run_id} did not finish")
-        dst = Path(tempfile.mkdtemp(prefix="dlsm-stage1-"))
+        if require_finished and run.info.status != "FINISHED":
+            raise ConfigError(f"{key}: run {run.info.run_id} did not finish")
+        dst = Path(tempfile.mkdtemp(prefix="dlsm-ckpt-"))
+        artifact = f"checkpoints/{name}"
         try:
             return Path(
                 mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=artifact, dst_path=str(dst))
             )
         except Exception:
-            raise ConfigError(f"experiment.stage1_run_id: run {run.info.run_id} has no artifact {artifact}") from None
+            raise ConfigError(f"{key}: run {run.info.run_id} has no artifact {artifact}") from None

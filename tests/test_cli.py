@@ -216,3 +216,28 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path):
     hist = c.get_metric_history(runs_by_stage(c, parent.info.run_id)["stage1-score"].info.run_id, "score/loss")
     steps = sorted({m.step for m in hist})
     assert steps == list(range(100, 4001, 100))  # no step trained twice, none missing
+
+
+def test_resume_fetches_a_finished_stage_checkpoint_from_mlflow(tmp_path):
+    """Interrupted in stage 2 with stage 1's local checkpoint lost: stage 1 is fetched, not retrained."""
+    params = TINY + ["classifier/train.n_iters = 4000", "classifier/train.ckpt_every = 100"]
+    cmd = [sys.executable, "-m", "dlsm.launch", "--gin", MOONS] + [x for p in params for x in ("--gin_param", p)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / ".dlsm").rglob("classifier-ce.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    (score_ckpt,) = list((tmp_path / ".dlsm").rglob("score.pt"))
+    score_ckpt.unlink()
+
+    again = launch(tmp_path, params=params)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert score_ckpt.exists()
+    c = client(tmp_path)
+    (parent,) = parents(c)
+    kids = runs_by_stage(c, parent.info.run_id)
+    steps = [m.step for m in c.get_metric_history(kids["stage1-score"].info.run_id, "score/loss")]
+    assert steps == [20, 40, 60]  # logged once, by the first launch: not retrained
