@@ -68,6 +68,20 @@ def artifact_paths(c, run_id: str, path: str = "") -> set[str]:
     return out
 
 
+def launch_and_interrupt(cwd: Path, params: list[str], wait_for: str, settle: float = 0.0):
+    """Start a launch, send SIGINT once a file named ``wait_for`` appears under .dlsm; returns (rc, stderr)."""
+    cmd = [sys.executable, "-m", "dlsm.launch", "--gin", MOONS] + [x for p in params for x in ("--gin_param", p)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((cwd / ".dlsm").rglob(wait_for)) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(settle)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("moons")
@@ -189,16 +203,8 @@ def test_nan_loss_stops_the_stage_with_one_line(tmp_path):
 
 def test_interrupted_run_resumes_from_checkpoint(tmp_path):
     params = TINY + ["score/train.n_iters = 4000", "score/train.ckpt_every = 100", "score/train.log_every = 100"]
-    cmd = [sys.executable, "-m", "dlsm.launch", "--gin", MOONS] + [x for p in params for x in ("--gin_param", p)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list((tmp_path / ".dlsm").rglob("score.pt")) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    rc, err = launch_and_interrupt(tmp_path, params, "score.pt", settle=1.0)
+    assert rc == 130, err
     assert "relaunch the same command to resume" in err
     import torch
 
@@ -206,8 +212,7 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path):
     step_at_interrupt = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < step_at_interrupt < 4000
 
-    again = launch(tmp_path, params=params[:-3] + ["score/train.n_iters = 4000", "score/train.ckpt_every = 100",
-                                                   "score/train.log_every = 100"])
+    again = launch(tmp_path, params=params)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming run" in again.stdout
     c = client(tmp_path)
@@ -220,16 +225,9 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path):
 
 def test_resume_fetches_a_finished_stage_checkpoint_from_mlflow(tmp_path):
     """Interrupted in stage 2 with stage 1's local checkpoint lost: stage 1 is fetched, not retrained."""
-    params = TINY + ["classifier/train.n_iters = 4000", "classifier/train.ckpt_every = 100"]
-    cmd = [sys.executable, "-m", "dlsm.launch", "--gin", MOONS] + [x for p in params for x in ("--gin_param", p)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list((tmp_path / ".dlsm").rglob("classifier-ce.pt")) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    params = TINY + ["classifier/train.n_iters = 1000", "classifier/train.ckpt_every = 100"]
+    rc, err = launch_and_interrupt(tmp_path, params, "classifier-ce.pt")
+    assert rc == 130, err
     (score_ckpt,) = list((tmp_path / ".dlsm").rglob("score.pt"))
     score_ckpt.unlink()
 
