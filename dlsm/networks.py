@@ -16,7 +16,9 @@ import gin
 import torch
 from torch import nn
 
-__all__ = ["ClassifierMLP", "NoiseConditionalMLP", "ScoreMLP", "SigmaEmbedding"]
+from dlsm.errors import ConfigError
+
+__all__ = ["BranchClassifier", "ClassifierMLP", "NoiseConditionalMLP", "ScoreMLP", "SigmaEmbedding"]
 
 
 def _as_batch(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -114,3 +116,47 @@ class ClassifierMLP(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         sigma = _as_batch(sigma, x)
         return self.net(c_in(sigma, self.sigma_data)[:, None] * x, c_noise(sigma))
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "softplus": nn.Softplus}
+
+
+def _mlp(widths: tuple[int, ...], activation: str) -> nn.Sequential:
+    """Linear layers with ``activation`` between them (none after the last)."""
+    if activation not in _ACTIVATIONS:
+        raise ConfigError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(_ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+@gin.configurable
+class BranchClassifier(nn.Module):
+    """The DLSM toy code's classifier shape: logits = W [f(x); g(sigma)] + b.
+
+    f (the x branch) and g (the sigma branch, fed raw sigma) are separate MLPs whose outputs are
+    concatenated and mapped to logits by one linear layer. Since the logits are a sum of an x part and a
+    sigma part, grad_x logits does not depend on sigma: only the softmax weights change with the noise level.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        *,
+        x_widths: tuple[int, ...] = (256, 128, 64),
+        sigma_widths: tuple[int, ...] = (64, 32, 16),
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.x_branch = _mlp((dim, *x_widths), activation)
+        self.sigma_branch = _mlp((1, *sigma_widths), activation)
+        self.head = nn.Linear(x_widths[-1] + sigma_widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = _as_batch(sigma, x)
+        h = torch.cat([self.x_branch(x.reshape(x.shape[0], -1)), self.sigma_branch(sigma[:, None])], dim=1)
+        return self.head(h)

@@ -10,9 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
-from dlsm.metrics import Evaluation  # noqa: E402
+from dlsm.metrics import Evaluation, grid_points  # noqa: E402
 
 __all__ = ["loss_curves", "posterior_field_figure"]
 
@@ -47,8 +46,7 @@ def posterior_field_figure(
     columns = methods. Arrows share one scale across a row, so lengths compare between methods."""
     names = list(ev.methods)
     k = ev.data.num_classes
-    gx, gy = torch.meshgrid(torch.linspace(*xlim, grid), torch.linspace(*ylim, grid), indexing="xy")
-    pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+    pts = grid_points(grid, xlim, ylim)
     fig, axes = plt.subplots(k + 1, len(names), figsize=(3.2 * len(names), 2.4 * (k + 1)), squeeze=False,
                              constrained_layout=True)
     for c in range(k):

@@ -281,3 +281,44 @@ def test_sliced_wasserstein_in_one_dimension_is_exact_w1(ma, mb, seed):
     b = 2 + torch.randn(mb, 1, generator=g, dtype=torch.float64)
     got = sliced_wasserstein(a, b, n_projections=3, generator=g)
     assert math.isclose(got, wasserstein_distance(a[:, 0].numpy(), b[:, 0].numpy()), rel_tol=1e-9, abs_tol=1e-12)
+
+
+class _ShiftedOracle:
+    """The oracle with its prior score shifted by a constant vector: a method with known errors."""
+
+    def __init__(self, oracle, shift: torch.Tensor, lik_scale: float = 1.0) -> None:
+        self.oracle, self.shift, self.lik_scale = oracle, shift, lik_scale
+
+    def prior(self, x, sigma):
+        return self.oracle.prior(x, sigma) + self.shift
+
+    def likelihood(self, x, sigma, y):
+        return self.lik_scale * self.oracle.likelihood(x, sigma, y)
+
+
+def test_score_error_metrics_known_answers_on_data_and_grid():
+    from dlsm.data import two_moons
+    from dlsm.metrics import Evaluation, score_error_metrics
+    from dlsm.oracle import OracleScores
+    from dlsm.schedules import noise_schedule
+
+    data = two_moons(400)
+    oracle = OracleScores(data.x, data.y)
+    shift = torch.tensor([0.3, -0.4])  # |shift| = 0.5
+    methods = {
+        "oracle": oracle,
+        "shifted": _ShiftedOracle(oracle, shift),
+        "doubled": _ShiftedOracle(oracle, torch.zeros(2), lik_scale=2.0),
+    }
+    ev = Evaluation(data, noise_schedule(data.x, num_scales=5), methods, oracle=oracle)
+    out = score_error_metrics(ev, sigmas=(0.5, 7.5), n_points=50, grid_size=6)
+    assert not any(k.startswith("oracle/") for k in out)
+    for c in (0, 1):
+        for s in ("0.5", "7.5"):
+            for suffix in ("", "_grid"):
+                assert out[f"shifted/c{c}/D_P{suffix}/s{s}"] == pytest.approx(0.5, abs=1e-5)
+                assert out[f"shifted/c{c}/D_L{suffix}/s{s}"] == pytest.approx(0.0, abs=1e-9)
+                # doubling the likelihood score: D_P = D_L = E||oracle likelihood||, nonzero
+                assert out[f"doubled/c{c}/D_P{suffix}/s{s}"] == pytest.approx(out[f"doubled/c{c}/D_L{suffix}/s{s}"])
+        # on the grid at sigma = 7.5 the true likelihood score is far from zero (the paper's point)
+        assert out[f"doubled/c{c}/D_L_grid/s7.5"] > 0.01
