@@ -34,7 +34,7 @@ from dlsm.scores import ModelScores
 from dlsm.tracking import Tracker
 from dlsm.training import load_ema_weights, train
 
-__all__ = ["ExperimentSpec", "experiment", "run_experiment"]
+__all__ = ["ExperimentSpec", "build_methods", "experiment", "run_experiment"]
 
 STAGE1 = "stage1-score"
 
@@ -49,6 +49,7 @@ class ExperimentSpec:
     score_loss: Callable
     classifier_losses: dict[str, Callable]
     alpha: float
+    sampling_methods: dict[str, tuple[str, float]] | None
     sampler: Callable
     n_samples: int
     oracle: bool
@@ -69,6 +70,7 @@ def experiment(
     score_loss: Callable = dsm_loss,
     classifier_losses: dict[str, Callable] | None = None,
     alpha: float = 1.0,
+    sampling_methods: dict[str, tuple[str, float]] | None = None,
     sampler: Callable = annealed_langevin,
     n_samples: int = 1000,
     oracle: bool = True,
@@ -79,15 +81,19 @@ def experiment(
 ) -> ExperimentSpec:
     """Declare an experiment. ``classifier_losses`` maps a method name to its stage-2 loss
     (default ``{'ce': ce_loss, 'total': total_loss}``); ``alpha`` scales every likelihood score
-    at sampling; ``stage1_run_id`` reuses a finished stage-1 MLflow run instead of training one;
+    at sampling, unless ``sampling_methods`` names each sampled method as ``name: (loss name, alpha)``,
+    e.g. ``{'base': ('ce', 1.0), 'scaling': ('ce', 4.0), 'ours': ('total', 1.0)}``;
+    ``stage1_run_id`` reuses a finished stage-1 MLflow run instead of training one;
     ``oracle`` adds the Parzen oracle as a method and enables oracle metrics (small data only)."""
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ConfigError(f"experiment.n_samples must be a positive integer, got {n_samples!r}")
     losses = classifier_losses if classifier_losses is not None else {"ce": ce_loss, "total": total_loss}
     if not losses:
         raise ConfigError("experiment.classifier_losses is empty; name at least one stage-2 loss")
+    if sampling_methods is not None:
+        check_sampling_methods(sampling_methods, losses)
     return ExperimentSpec(
-        name, seed, dataset, score_model, classifier, score_loss, dict(losses), alpha, sampler,
+        name, seed, dataset, score_model, classifier, score_loss, dict(losses), alpha, sampling_methods, sampler,
         n_samples, oracle, tuple(metrics), tuple(figures), stage1_run_id, workdir,
     )
 
@@ -96,6 +102,36 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def build_methods(
+    score_model: nn.Module,
+    classifiers: dict[str, nn.Module],
+    sampling_methods: dict[str, tuple[str, float]] | None,
+    alpha: float,
+) -> dict[str, ModelScores]:
+    """The sampled methods: ``name -> ModelScores(score_model, classifiers[loss name], alpha)``.
+
+    Without ``sampling_methods`` every classifier is sampled under its loss's name at ``alpha``.
+    """
+    if sampling_methods is None:
+        return {m: ModelScores(score_model, c, alpha=alpha) for m, c in classifiers.items()}
+    check_sampling_methods(sampling_methods, classifiers)
+    return {
+        name: ModelScores(score_model, classifiers[loss], alpha=float(a))
+        for name, (loss, a) in sampling_methods.items()
+    }
+
+
+def check_sampling_methods(sampling_methods: dict, loss_names) -> None:
+    """Each entry must be ``name: (loss name from experiment.classifier_losses, alpha)``."""
+    for name, spec in sampling_methods.items():
+        ok = isinstance(spec, (tuple, list)) and len(spec) == 2 and spec[0] in loss_names
+        if not ok or isinstance(spec[1], bool) or not isinstance(spec[1], (int, float)):
+            raise ConfigError(
+                f"experiment.sampling_methods[{name!r}] = {spec!r}: expected (loss name, alpha) "
+                f"with a loss name from experiment.classifier_losses {sorted(loss_names)}"
+            )
 
 
 def _sample(spec: ExperimentSpec, scores, schedule: NoiseSchedule, data: LabelledData, c: int, seed: int):
@@ -210,7 +246,7 @@ def run_experiment(spec: ExperimentSpec, *, fresh: bool = False) -> dict[str, fl
         with tracker.stage(parent_id, "sampling"):
             t0 = time.perf_counter()
             tracker.log_params({**params, "alpha": spec.alpha})
-            methods: dict = {m: ModelScores(score_ema, c, alpha=spec.alpha) for m, c in classifiers.items()}
+            methods: dict = build_methods(score_ema, classifiers, spec.sampling_methods, spec.alpha)
             oracle = OracleScores(data.x, data.y) if spec.oracle else None
             if oracle is not None:
                 methods["oracle"] = oracle

@@ -239,3 +239,23 @@ def test_resume_fetches_a_finished_stage_checkpoint_from_mlflow(tmp_path):
     kids = runs_by_stage(c, parent.info.run_id)
     steps = [m.step for m in c.get_metric_history(kids["stage1-score"].info.run_id, "score/loss")]
     assert steps == [20, 40, 60]  # logged once, by the first launch: not retrained
+
+
+def test_branch_classifier_and_sampling_methods_via_gin_include(tmp_path):
+    proc = launch(tmp_path, gin_files=(str(ROOT / "gin" / "moons_branch.gin"),),
+                  params=TINY + ["classifier/train.n_iters = 20"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    c = client(tmp_path)
+    (parent,) = parents(c)
+    final = runs_by_stage(c, parent.info.run_id)["sampling"].data.metrics
+    for method in ("base", "scaling", "ours", "oracle"):
+        assert math.isfinite(final[f"{method}/c0/recall"]), method
+    assert math.isfinite(final["scaling/c1/D_L_grid/s7.5"])
+    assert parent.data.params["experiment.classifier"] == "@BranchClassifier"
+
+
+def test_bad_sampling_method_fails_before_training(tmp_path):
+    proc = launch(tmp_path, params=TINY + ["experiment.sampling_methods = {'b': ('dlsm', 1.0)}"], timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "sampling_methods['b']" in lines[0], proc.stderr
+    assert not (tmp_path / "mlruns").exists()  # rejected before any run was started
