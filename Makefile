@@ -1,4 +1,5 @@
-# dlsm — `make demo` runs the moons experiment, `make test` the test suite, `make ui` the MLflow UI.
+# dlsm — `make demo` runs the moons experiment, `make test` the test suite, `make ui` the MLflow UI,
+# `make reproduce-moons` the DLSM paper's moons analysis and its report.
 # Each target creates .venv and installs the project on first use.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint ui clean
+.PHONY: demo test lint ui clean reproduce-moons
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,12 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m dlsm.launch --gin gin/moons.gin
+
+# DLSM paper Table 1, Figures 1 and 5 on moons (~20 min on 2 CPU cores), then docs/results/moons.md
+reproduce-moons: $(STAMP)
+	$(PY) -m dlsm.launch --fresh --gin gin/moons_table1.gin
+	$(PY) -m dlsm.launch --fresh --gin gin/moons_ablation.gin
+	$(PY) -m dlsm.report --out docs/results/moons.md --notes docs/results/moons_notes.md
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,6 +1,6 @@
 """Stage-2 step cost: DLSM' and Total against CE on the same classifier, batch and score model.
 
-    python bench/stage2_step.py [--batch 512] [--iters 200] [--device cpu|cuda]
+    python bench/stage2_step.py [--batch 512] [--iters 200] [--device cpu|cuda] [--shape mlp|branch|both]
 
 Prints the median time of one optimiser step for each loss and the ratios to CE, measured
 side by side in one process (interleaved rounds, so drift hits every loss alike).
@@ -15,7 +15,12 @@ import time
 import torch
 
 from dlsm.losses import ce_loss, dlsm_loss, total_loss
-from dlsm.networks import ClassifierMLP, ScoreMLP
+from dlsm.networks import BranchClassifier, ClassifierMLP, ScoreMLP
+
+SHAPES = {
+    "mlp": lambda: ClassifierMLP(2, 2, sigma_data=14.0),
+    "branch": lambda: BranchClassifier(2, 2, x_widths=(256, 128, 64), sigma_widths=(64, 32, 16)),
+}
 
 
 def main() -> None:
@@ -24,7 +29,13 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", choices=[*SHAPES, "both"], default="both", help="classifier shape(s) to time")
     args = p.parse_args()
+    for shape in SHAPES if args.shape == "both" else [args.shape]:
+        bench(args, shape)
+
+
+def bench(args: argparse.Namespace, shape: str) -> None:
     dev = torch.device(args.device)
     torch.manual_seed(0)
     score = ScoreMLP(2, sigma_data=14.0).to(dev).requires_grad_(False)
@@ -33,7 +44,7 @@ def main() -> None:
     sigma = torch.exp(torch.empty(args.batch, device=dev).uniform_(-4.6, 4.1))
     noise = torch.randn_like(x)
     losses = {"ce": ce_loss, "dlsm'": dlsm_loss, "total": total_loss}
-    clfs = {k: ClassifierMLP(2, 2, sigma_data=14.0).to(dev) for k in losses}
+    clfs = {k: SHAPES[shape]().to(dev) for k in losses}
     opts = {k: torch.optim.Adam(c.parameters(), lr=1e-4) for k, c in clfs.items()}
 
     def step(k: str) -> None:
@@ -57,7 +68,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[k].append((time.perf_counter() - t) / args.iters)
     ce = statistics.median(times["ce"])
-    print(f"device={dev} batch={args.batch} threads={torch.get_num_threads()}")
+    print(f"classifier={shape} device={dev} batch={args.batch} threads={torch.get_num_threads()}")
     for k, ts in times.items():
         med = statistics.median(ts)
         print(f"{k:>6}: {med * 1e3:7.3f} ms/step   ratio to CE {med / ce:5.2f}x")

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = experiment()
         except RuntimeError as err:  # gin: a gin.REQUIRED binding is missing
             raise ConfigError(str(err).strip().splitlines()[0]) from None
-        results = run_experiment(spec, fresh=args.fresh)
+        results = run_experiment(spec, fresh=args.fresh).metrics
     except DlsmError as err:
         if args.traceback:
             raise

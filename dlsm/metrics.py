@@ -18,10 +18,11 @@ from torch import nn
 from dlsm.data import LabelledData
 from dlsm.oracle import OracleScores
 from dlsm.schedules import NoiseSchedule
-from dlsm.scores import ModelScores
+from dlsm.scores import ModelScores, PosteriorSMScores, likelihood_score
 
 __all__ = [
     "Evaluation",
+    "LikelihoodScoreTracker",
     "classifier_metrics",
     "grid_points",
     "kth_nn_distance",
@@ -39,7 +40,7 @@ class Evaluation:
 
     data: LabelledData
     schedule: NoiseSchedule
-    methods: dict[str, ModelScores | OracleScores]
+    methods: dict[str, ModelScores | PosteriorSMScores | OracleScores]
     classifiers: dict[str, nn.Module] = field(default_factory=dict)
     samples: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     oracle: OracleScores | None = None
@@ -137,6 +138,8 @@ def score_error_metrics(
     x~ ~ p_sigma(x~|y) (keys ``D_P``, ``D_L``) and, for 2-D data with ``grid_size`` set, a fixed
     grid covering the data with a margin (keys ``D_P_grid``, ``D_L_grid``; the official toy code
     uses 35 x 35 points on [-40, 40] x [-25, 25]), where the true likelihood score is far from zero.
+    Also ``alpha_star``: the least-squares scale a* = <l, l*> / <l, l> that would best map the method's
+    likelihood term l onto the oracle's l* (> 1 means the method's likelihood scores are too weak).
     """
     if ev.oracle is None:
         return {}
@@ -158,7 +161,67 @@ def score_error_metrics(
                     post = scores.prior(x, sigma) + lik
                     out[f"{name}/c{c}/D_P{suffix}/s{sigma:g}"] = mean_score_distance(post, true_post)
                     out[f"{name}/c{c}/D_L{suffix}/s{sigma:g}"] = mean_score_distance(lik, true_lik)
+                    out[f"{name}/c{c}/alpha_star{suffix}/s{sigma:g}"] = _ls_scale(lik, true_lik)
     return out
+
+
+def _ls_scale(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    """argmin_a ||a estimate - reference||^2 over all points, in float64."""
+    e, r = estimate.to(torch.float64).reshape(-1), reference.to(torch.float64).reshape(-1)
+    denom = float(e @ e)
+    return float(e @ r) / denom if denom > 0 else float("nan")
+
+
+@gin.configurable
+class LikelihoodScoreTracker:
+    """Training curves for the DLSM paper's ablation (Figure 5): called on a classifier during
+    training, returns (a) its likelihood-score error E[D_L] against the Parzen oracle and (b) its
+    cross-entropy, at each sigma in ``sigmas``, averaged over classes.
+
+    The evaluation points and the oracle's scores are fixed at construction, so every call and every
+    training run (seed, loss) is measured on the same points. Keys: ``track/D_L/s{sigma}``
+    (x~ ~ p_sigma(x~|y)), ``track/D_L_grid/s{sigma}`` (the fixed grid, 2-D data), ``track/ce/s{sigma}``.
+    """
+
+    def __init__(
+        self,
+        data: LabelledData,
+        *,
+        sigmas: tuple[float, ...] = (7.5,),
+        n_points: int = 2000,
+        grid_size: int | None = 35,
+        xlim: tuple[float, float] = (-40.0, 40.0),
+        ylim: tuple[float, float] = (-25.0, 25.0),
+        seed: int = 0,
+    ) -> None:
+        oracle = OracleScores(data.x, data.y)
+        ev = Evaluation(data, None, {}, seed=seed)  # type: ignore[arg-type]
+        g = ev.generator(404)
+        grid = grid_points(grid_size, xlim, ylim) if grid_size and data.dim == 2 else None
+        self.sigmas, self.num_classes = tuple(float(s) for s in sigmas), data.num_classes
+        self.points: dict[tuple[str, float, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ce_points: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        for sigma in self.sigmas:
+            for c in range(data.num_classes):
+                sets = {"D_L": _noisy_class_points(ev, c, sigma, n_points, g)}
+                if grid is not None:
+                    sets["D_L_grid"] = grid.reshape(-1, *data.x.shape[1:])
+                for key, x in sets.items():
+                    self.points[key, sigma, c] = (x, oracle.likelihood(x, sigma, c))
+            idx = torch.randint(0, data.x.shape[0], (n_points,), generator=g)
+            self.ce_points[sigma] = (data.x[idx] + sigma * torch.randn(data.x[idx].shape, generator=g), data.y[idx])
+
+    def __call__(self, classifier: nn.Module) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (key, sigma, c), (x, true_lik) in self.points.items():
+            labels = torch.full((x.shape[0],), c, dtype=torch.long)
+            d = mean_score_distance(likelihood_score(classifier, x, sigma, labels), true_lik)
+            name = f"track/{key}/s{sigma:g}"
+            out[name] = out.get(name, 0.0) + d / self.num_classes
+        for sigma, (x, y) in self.ce_points.items():
+            with torch.no_grad():
+                out[f"track/ce/s{sigma:g}"] = float(nn.functional.cross_entropy(classifier(x, sigma), y))
+        return out
 
 
 @gin.configurable
@@ -181,16 +244,37 @@ def classifier_metrics(
 
 
 @gin.configurable
-def sample_metrics(ev: Evaluation, *, k: int = 5, n_projections: int = 256) -> dict[str, float]:
-    """Precision, recall (k-NN) and sliced Wasserstein-1 of each method's class-c samples vs class-c data."""
+def sample_metrics(
+    ev: Evaluation, *, k: int = 5, n_projections: int = 256, reference_draws: int = 10
+) -> dict[str, float]:
+    """Precision, recall (k-NN) and sliced Wasserstein-1 of each method's class-c samples vs class-c data.
+
+    With ``reference_draws > 0``, a row ``data`` scores that many exact samples of the sampler's target
+    p_sigma_L(x|y) (class data drawn with replacement plus sigma_L-noise, as many points as the
+    methods drew): the metrics' finite-sample floor. ``data/c{c}/sw1`` is the mean over draws and
+    ``sw1_lo`` / ``sw1_hi`` the smallest and largest, the range a perfect sampler falls in.
+    """
     out: dict[str, float] = {}
     for name, per_class in ev.samples.items():
         for c, samples in per_class.items():
-            real = ev.data.of_class(c)
-            p, r = precision_recall(real, samples, k=k)
-            out[f"{name}/c{c}/precision"] = p
-            out[f"{name}/c{c}/recall"] = r
-            out[f"{name}/c{c}/sw1"] = sliced_wasserstein(
-                real, samples, n_projections=n_projections, generator=ev.generator(303)
-            )
+            out.update(_sample_scores(ev, f"{name}/c{c}", ev.data.of_class(c), samples, k, n_projections))
+    if reference_draws > 0 and ev.samples:
+        first = next(iter(ev.samples.values()))
+        n = next(iter(first.values())).shape[0]
+        g, sigma_l = ev.generator(505), float(ev.schedule.sigmas[-1])
+        for c in first:
+            draws = [_sample_scores(ev, "", ev.data.of_class(c), _noisy_class_points(ev, c, sigma_l, n, g), k,
+                                    n_projections) for _ in range(reference_draws)]
+            for key in ("precision", "recall", "sw1"):
+                vals = [d[f"/{key}"] for d in draws]
+                out[f"data/c{c}/{key}"] = sum(vals) / len(vals)
+            out[f"data/c{c}/sw1_lo"] = min(d["/sw1"] for d in draws)
+            out[f"data/c{c}/sw1_hi"] = max(d["/sw1"] for d in draws)
     return out
+
+
+def _sample_scores(ev: Evaluation, prefix: str, real: torch.Tensor, samples: torch.Tensor, k: int,
+                   n_projections: int) -> dict[str, float]:
+    p, r = precision_recall(real, samples, k=k)
+    sw = sliced_wasserstein(real, samples, n_projections=n_projections, generator=ev.generator(303))
+    return {f"{prefix}/precision": p, f"{prefix}/recall": r, f"{prefix}/sw1": sw}

@@ -13,7 +13,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gin
@@ -27,14 +27,14 @@ from dlsm.errors import ConfigError
 from dlsm.losses import ce_loss, dsm_loss, total_loss
 from dlsm.metrics import Evaluation, classifier_metrics, sample_metrics, score_error_metrics
 from dlsm.oracle import OracleScores
-from dlsm.plots import loss_curves, posterior_field_figure
+from dlsm.plots import loss_curves, posterior_field_figure, training_curves_figure
 from dlsm.samplers import annealed_langevin, prior_sample
 from dlsm.schedules import NoiseSchedule, noise_schedule
-from dlsm.scores import ModelScores
+from dlsm.scores import ModelScores, PosteriorSMScores
 from dlsm.tracking import Tracker
 from dlsm.training import load_ema_weights, train
 
-__all__ = ["ExperimentSpec", "build_methods", "experiment", "run_experiment"]
+__all__ = ["ExperimentResult", "ExperimentSpec", "build_methods", "experiment", "run_experiment"]
 
 STAGE1 = "stage1-score"
 
@@ -45,7 +45,7 @@ class ExperimentSpec:
     seed: int
     dataset: Callable[[], LabelledData]
     score_model: Callable[..., nn.Module]
-    classifier: Callable[..., nn.Module]
+    classifiers: dict[str, Callable[..., nn.Module]]
     score_loss: Callable
     classifier_losses: dict[str, Callable]
     alpha: float
@@ -57,6 +57,18 @@ class ExperimentSpec:
     figures: Sequence[Callable]
     stage1_run_id: str | None
     workdir: str
+    posterior_sm: bool = False
+    stage2_seeds: int = 1
+    tracker: Callable[[LabelledData], Callable[[nn.Module], dict[str, float]]] | None = None
+    sample: bool = True
+    stage2_run_id: str | None = None
+    stop_after: str | None = None
+
+
+@dataclass
+class ExperimentResult:
+    run_id: str  # the MLflow parent run
+    metrics: dict[str, float]
 
 
 @gin.configurable
@@ -66,7 +78,7 @@ def experiment(
     seed: int = 0,
     dataset: Callable[[], LabelledData] = gin.REQUIRED,
     score_model: Callable[..., nn.Module] = gin.REQUIRED,
-    classifier: Callable[..., nn.Module] = gin.REQUIRED,
+    classifier: Callable[..., nn.Module] | dict[str, Callable[..., nn.Module]] = gin.REQUIRED,
     score_loss: Callable = dsm_loss,
     classifier_losses: dict[str, Callable] | None = None,
     alpha: float = 1.0,
@@ -78,23 +90,48 @@ def experiment(
     figures: Sequence[Callable] = (posterior_field_figure,),
     stage1_run_id: str | None = None,
     workdir: str = ".dlsm",
+    posterior_sm: bool = False,
+    stage2_seeds: int = 1,
+    tracker: Callable[[LabelledData], Callable[[nn.Module], dict[str, float]]] | None = None,
+    sample: bool = True,
+    stage2_run_id: str | None = None,
+    stop_after: str | None = None,
 ) -> ExperimentSpec:
     """Declare an experiment. ``classifier_losses`` maps a method name to its stage-2 loss
     (default ``{'ce': ce_loss, 'total': total_loss}``); ``alpha`` scales every likelihood score
     at sampling, unless ``sampling_methods`` names each sampled method as ``name: (loss name, alpha)``,
     e.g. ``{'base': ('ce', 1.0), 'scaling': ('ce', 4.0), 'ours': ('total', 1.0)}``;
     ``stage1_run_id`` reuses a finished stage-1 MLflow run instead of training one;
-    ``oracle`` adds the Parzen oracle as a method and enables oracle metrics (small data only)."""
+    ``oracle`` adds the Parzen oracle as a method and enables oracle metrics (small data only).
+
+    ``classifier`` may be one network or a dict of named shapes ``{'mlp': @ClassifierMLP, ...}``; every
+    shape gets every stage-2 loss and sampled method, named ``{method}-{shape}``, on one shared stage 1.
+    ``posterior_sm`` adds the paper's method (c): one DSM score model per class, trained under the
+    ``score/posterior_sm`` gin scope (inheriting ``score/`` bindings). ``stage2_seeds`` trains each
+    classifier that many times from different seeds (the first one is sampled and evaluated);
+    ``tracker(data)`` builds a function of the classifier logged every ``classifier/train.eval_every``
+    steps (training curves, e.g. ``@LikelihoodScoreTracker``); ``sample = False`` skips sampling.
+    ``stage2_run_id`` reuses the classifiers of a finished run (sampling-only experiments, e.g. an
+    alpha sweep); ``stop_after = 'stage1'`` or ``'stage2'`` ends the run after that stage (a shared
+    run for sweeps)."""
+    if stop_after not in (None, "stage1", "stage2"):
+        raise ConfigError(f"experiment.stop_after must be None, 'stage1' or 'stage2', got {stop_after!r}")
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ConfigError(f"experiment.n_samples must be a positive integer, got {n_samples!r}")
+    if isinstance(stage2_seeds, bool) or not isinstance(stage2_seeds, int) or stage2_seeds < 1:
+        raise ConfigError(f"experiment.stage2_seeds must be a positive integer, got {stage2_seeds!r}")
+    shapes = dict(classifier) if isinstance(classifier, dict) else {"": classifier}
+    if not shapes or any(not isinstance(k, str) or not k.isidentifier() and k for k in shapes):
+        raise ConfigError(f"experiment.classifier: expected a network or a dict of named networks, got {classifier!r}")
     losses = classifier_losses if classifier_losses is not None else {"ce": ce_loss, "total": total_loss}
     if not losses:
         raise ConfigError("experiment.classifier_losses is empty; name at least one stage-2 loss")
     if sampling_methods is not None:
         check_sampling_methods(sampling_methods, losses)
     return ExperimentSpec(
-        name, seed, dataset, score_model, classifier, score_loss, dict(losses), alpha, sampling_methods, sampler,
-        n_samples, oracle, tuple(metrics), tuple(figures), stage1_run_id, workdir,
+        name, seed, dataset, score_model, shapes, score_loss, dict(losses), alpha, sampling_methods, sampler,
+        n_samples, oracle, tuple(metrics), tuple(figures), stage1_run_id, workdir, posterior_sm, stage2_seeds,
+        tracker, sample, stage2_run_id, stop_after,
     )
 
 
@@ -109,18 +146,49 @@ def build_methods(
     classifiers: dict[str, nn.Module],
     sampling_methods: dict[str, tuple[str, float]] | None,
     alpha: float,
+    *,
+    shape: str = "",
 ) -> dict[str, ModelScores]:
     """The sampled methods: ``name -> ModelScores(score_model, classifiers[loss name], alpha)``.
 
     Without ``sampling_methods`` every classifier is sampled under its loss's name at ``alpha``.
+    A non-empty ``shape`` is appended to every name (``base-mlp``).
     """
     if sampling_methods is None:
-        return {m: ModelScores(score_model, c, alpha=alpha) for m, c in classifiers.items()}
+        return {_join(m, shape): ModelScores(score_model, c, alpha=alpha) for m, c in classifiers.items()}
     check_sampling_methods(sampling_methods, classifiers)
     return {
-        name: ModelScores(score_model, classifiers[loss], alpha=float(a))
+        _join(name, shape): ModelScores(score_model, classifiers[loss], alpha=float(a))
         for name, (loss, a) in sampling_methods.items()
     }
+
+
+def _join(name: str, shape: str) -> str:
+    return f"{name}-{shape}" if shape else name
+
+
+def _shape_view(ev: Evaluation, shape: str, shapes: dict) -> Evaluation:
+    """The evaluation as seen by one classifier shape: its methods (suffix dropped) plus the
+    shape-free ones (posterior SM, oracle), for per-shape figures."""
+    if len(shapes) == 1:
+        return ev
+    suffix = f"-{shape}"
+    others = tuple(f"-{s}" for s in shapes)
+    full_names = {}
+    for name in ev.methods:
+        if name.endswith(suffix):
+            full_names[name.removesuffix(suffix)] = name
+        elif not name.endswith(others):
+            full_names[name] = name
+    keep = {short: ev.methods[full] for short, full in full_names.items()}
+    samples = {short: ev.samples[full] for short, full in full_names.items() if full in ev.samples}
+    return replace(ev, methods=keep, samples=samples)
+
+
+def _history(tracker: Tracker, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every ``track/...`` metric history of a run, as (step, value) lists."""
+    keys = [k for k in tracker.client.get_run(run_id).data.metrics if k.startswith("track/")]
+    return {k: sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, k)) for k in keys}
 
 
 def check_sampling_methods(sampling_methods: dict, loss_names) -> None:
@@ -161,8 +229,10 @@ def _train_stage(
     timings: dict[str, float],
     train_seed_offset: int = 11,
     stage_label: str = "score",
-) -> tuple[nn.Module, list[tuple[int, float]]]:
-    """Train one network in its gin ``scope`` inside the child run ``stage``; returns (EMA network, losses).
+    eval_fn: Callable | None = None,
+) -> tuple[nn.Module, list[tuple[int, float]], str]:
+    """Train one network in its gin ``scope`` inside the child run ``stage``; returns
+    (EMA network, losses, MLflow run id).
 
     Every network of a stage starts from the same seed (``seed_offset``), so methods compare fairly.
     A stage FINISHED in MLflow whose local checkpoint is gone fetches it from its run's artifacts.
@@ -178,7 +248,7 @@ def _train_stage(
                 shutil.copy(fetched, ckpt)
             res = train(
                 model, loss_fn, data, schedule, ckpt_path=ckpt, seed=spec.seed + train_seed_offset,
-                stage=stage_label, log_fn=tracker.log_metrics,
+                stage=stage_label, log_fn=tracker.log_metrics, eval_fn=eval_fn,
             )
         if not done:
             tracker.log_artifact(ckpt, "checkpoints")
@@ -186,14 +256,41 @@ def _train_stage(
                 tracker.log_figure(loss_curves({stage_label: res.losses}, stage), "plots/loss.png")
         timings[f"time/{stage}_s"] = time.perf_counter() - t0
         tracker.log_metrics({"wall_seconds": timings[f"time/{stage}_s"]})
-    return res.ema, res.losses
+    return res.ema, res.losses, run_id
 
 
-def run_experiment(spec: ExperimentSpec, *, fresh: bool = False) -> dict[str, float]:
-    """Run (or resume) the whole experiment; returns the final metrics."""
+def _reuse_stage(
+    spec: ExperimentSpec, tracker: Tracker, parent_id: str, stage: str, build: Callable[[], nn.Module], params: dict
+) -> tuple[nn.Module, list, str]:
+    """Load the EMA network of ``stage`` from the finished run named by ``experiment.stage1_run_id``
+    (stage 1) or ``experiment.stage2_run_id`` (stage-2 classifiers), recorded as a child run here."""
+    key = "experiment.stage1_run_id" if stage == STAGE1 else "experiment.stage2_run_id"
+    source = spec.stage1_run_id if stage == STAGE1 else spec.stage2_run_id
+    name = "score.pt" if stage == STAGE1 else f"classifier-{stage.removeprefix('stage2-')}.pt"
+    with tracker.stage(parent_id, stage) as (run_id, _):
+        tracker.log_params({**params, f"reused_{key.split('.')[1]}": source})
+        seed_everything(spec.seed + 1)
+        with gin.config_scope("score" if stage == STAGE1 else "classifier"):
+            model = build()
+        ema = load_ema_weights(model, tracker.download_checkpoint(source, stage, name, key=key))
+    return ema, [], run_id
+
+
+def run_experiment(
+    spec: ExperimentSpec,
+    *,
+    fresh: bool = False,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    on_metrics: Callable[[str, dict[str, float], int], None] | None = None,
+) -> ExperimentResult:
+    """Run (or resume) the whole experiment; returns its MLflow run id and final metrics.
+
+    ``parent_run_id`` nests the run under another run (a sweep); ``on_metrics(stage, metrics, step)``
+    sees every metric as it is logged (a sweep's trial reports stage-2 curves to its scheduler)."""
     chash = cfg.config_hash()
     rundir = Path(spec.workdir) / spec.name / chash
-    tracker = Tracker(spec.name)
+    tracker = Tracker(spec.name, on_metrics=on_metrics)
     resume_id = None if fresh else tracker.unfinished_parent(chash)
     if fresh and rundir.exists():
         shutil.rmtree(rundir)
@@ -201,7 +298,7 @@ def run_experiment(spec: ExperimentSpec, *, fresh: bool = False) -> dict[str, fl
     params = cfg.bindings_as_params()
     seed_everything(spec.seed)
 
-    with tracker.parent(spec.name, chash, resume_id) as parent_id:
+    with tracker.parent(run_name or spec.name, chash, resume_id, nest_under=parent_run_id) as parent_id:
         if resume_id:
             print(f"dlsm: resuming run {parent_id} from {rundir}")
         tracker.log_params(params)
@@ -213,45 +310,87 @@ def run_experiment(spec: ExperimentSpec, *, fresh: bool = False) -> dict[str, fl
         # -- stage 1: score model s(x~; phi) with DSM ----------------------------------------
         timings: dict[str, float] = {}
         if spec.stage1_run_id:
-            with tracker.stage(parent_id, STAGE1):
-                tracker.log_params({**params, "reused_stage1_run_id": spec.stage1_run_id})
-                seed_everything(spec.seed + 1)
-                with gin.config_scope("score"):
-                    model = spec.score_model(dim=data.dim)
-                score_ema = load_ema_weights(
-                    model, tracker.download_checkpoint(spec.stage1_run_id, STAGE1, key="experiment.stage1_run_id")
-                )
+            score_ema, _, _ = _reuse_stage(spec, tracker, parent_id, STAGE1, lambda: spec.score_model(dim=data.dim),
+                                           params)
         else:
-            score_ema, _ = _train_stage(
+            score_ema, _, _ = _train_stage(
                 spec, tracker, parent_id, STAGE1, "score", rundir / "score.pt",
                 build=lambda: spec.score_model(dim=data.dim),
                 loss_fn=lambda m, x, y, s, n: spec.score_loss(m, x, s, n),
                 data=data, schedule=schedule, params=params, seed_offset=1, timings=timings,
             )
         score_ema.requires_grad_(False)
+        if spec.stop_after == "stage1":
+            tracker.log_text(gin.operative_config_str(), "config/operative_config.gin")
+            return ExperimentResult(parent_id, timings)
 
-        # -- stage 2: one classifier p(y|x~; theta) per loss, score model frozen -------------
-        classifiers: dict[str, nn.Module] = {}
+        # -- method (c): one score model per class ----------------------------------------------
+        class_models: list[nn.Module] = []
+        if spec.posterior_sm:
+            for c in range(data.num_classes):
+                keep = data.y == c
+                class_data = LabelledData(data.x[keep], data.y[keep], data.num_classes, data.name, data.class_names)
+                model_c, _, _ = _train_stage(
+                    spec, tracker, parent_id, f"posterior_sm-c{c}", "score/posterior_sm",
+                    rundir / f"score-c{c}.pt", build=lambda: spec.score_model(dim=data.dim),
+                    loss_fn=lambda m, x, y, s, n: spec.score_loss(m, x, s, n),
+                    data=class_data, schedule=schedule, params={**params, "class": c}, seed_offset=3 + c,
+                    train_seed_offset=51 + c, stage_label=f"posterior_sm-c{c}", timings=timings,
+                )
+                class_models.append(model_c.requires_grad_(False))
+
+        # -- stage 2: one classifier p(y|x~; theta) per shape, loss and seed, score model frozen -
+        track_fn = spec.tracker(data) if spec.tracker is not None else None
+        classifiers: dict[str, dict[str, nn.Module]] = {shape: {} for shape in spec.classifiers}
         curves: dict[str, list] = {}
-        for k, (method, loss) in enumerate(spec.classifier_losses.items()):
-            classifiers[method], curves[method] = _train_stage(
-                spec, tracker, parent_id, f"stage2-{method}", "classifier", rundir / f"classifier-{method}.pt",
-                build=lambda: spec.classifier(dim=data.dim, num_classes=data.num_classes),
-                loss_fn=lambda m, x, y, s, n, loss=loss: loss(m, score_ema, x, y, s, n),
-                data=data, schedule=schedule, params={**params, "method": method},
-                seed_offset=2, train_seed_offset=21 + k, stage_label=method, timings=timings,
-            )
+        runs: dict[str, list[str]] = {}  # "{loss}-{shape}" -> stage-2 run ids, one per seed
+        for shape, make_classifier in spec.classifiers.items():
+            for k, (loss_name, loss) in enumerate(spec.classifier_losses.items()):
+                key = _join(loss_name, shape)
+                for rep in range(spec.stage2_seeds):
+                    stage = f"stage2-{key}" + (f"-seed{rep}" if spec.stage2_seeds > 1 else "")
+                    offset = 1000 * rep
+                    build = lambda make=make_classifier: make(dim=data.dim, num_classes=data.num_classes)  # noqa: E731
+                    if spec.stage2_run_id:
+                        model, losses, run_id = _reuse_stage(spec, tracker, parent_id, stage, build, params)
+                    else:
+                        model, losses, run_id = _train_stage(
+                            spec, tracker, parent_id, stage, "classifier", rundir / f"classifier-{stage[7:]}.pt",
+                            build=build, loss_fn=lambda m, x, y, s, n, loss=loss: loss(m, score_ema, x, y, s, n),
+                            data=data, schedule=schedule,
+                            params={**params, "method": loss_name, "shape": shape, "stage2_seed": rep},
+                            seed_offset=2 + offset, train_seed_offset=21 + k + offset, stage_label=loss_name,
+                            timings=timings, eval_fn=track_fn,
+                        )
+                    runs.setdefault(key, []).append(run_id)
+                    if rep == 0:
+                        classifiers[shape][loss_name], curves[key] = model, losses
+        if spec.stop_after == "stage2":
+            tracker.log_text(gin.operative_config_str(), "config/operative_config.gin")
+            return ExperimentResult(parent_id, timings)
+        if track_fn is not None and not spec.stage2_run_id:
+            histories = {key: [_history(tracker, rid) for rid in ids] for key, ids in runs.items()}
+            for shape in spec.classifiers:
+                fig = training_curves_figure({
+                    loss_name: histories[_join(loss_name, shape)] for loss_name in spec.classifier_losses
+                }, title=shape)
+                tracker.log_figure(fig, f"plots/{_join('training_curves', shape)}.png")
 
         # -- sampling and evaluation ------------------------------------------------------------
         with tracker.stage(parent_id, "sampling"):
             t0 = time.perf_counter()
             tracker.log_params({**params, "alpha": spec.alpha})
-            methods: dict = build_methods(score_ema, classifiers, spec.sampling_methods, spec.alpha)
+            methods: dict = {}
+            for shape, per_loss in classifiers.items():
+                methods.update(build_methods(score_ema, per_loss, spec.sampling_methods, spec.alpha, shape=shape))
+            if class_models:
+                methods["posterior_sm"] = PosteriorSMScores(score_ema, class_models)
             oracle = OracleScores(data.x, data.y) if spec.oracle else None
             if oracle is not None:
                 methods["oracle"] = oracle
-            ev = Evaluation(data, schedule, methods, classifiers, oracle=oracle, seed=spec.seed + 31)
-            for j, (m, scores) in enumerate(methods.items()):
+            flat = {_join(n, shape): c for shape, per in classifiers.items() for n, c in per.items()}
+            ev = Evaluation(data, schedule, methods, flat, oracle=oracle, seed=spec.seed + 31)
+            for j, (m, scores) in enumerate(methods.items() if spec.sample else ()):
                 ev.samples[m] = {
                     c: _sample(spec, scores, schedule, data, c, spec.seed + 41 + 100 * j + c)
                     for c in range(data.num_classes)
@@ -264,7 +403,10 @@ def run_experiment(spec: ExperimentSpec, *, fresh: bool = False) -> dict[str, fl
                 results.update(suite(ev))
             tracker.log_metrics(results)
             for fig_fn in spec.figures:
-                tracker.log_figure(fig_fn(ev), f"plots/{getattr(fig_fn, '__name__', 'figure')}.png")
+                fig_name = getattr(fig_fn, "__name__", "figure")
+                for shape in spec.classifiers:
+                    tracker.log_figure(fig_fn(_shape_view(ev, shape, spec.classifiers)),
+                                       f"plots/{_join(fig_name, shape)}.png")
             if any(curves.values()):
                 tracker.log_figure(loss_curves(curves, "stage 2: classifier losses"), "plots/stage2_losses.png")
             timings["time/sampling_s"] = time.perf_counter() - t0
@@ -272,4 +414,4 @@ def run_experiment(spec: ExperimentSpec, *, fresh: bool = False) -> dict[str, fl
 
         tracker.log_metrics({**results, **timings})
         tracker.log_text(gin.operative_config_str(), "config/operative_config.gin")
-    return {**results, **timings}
+    return ExperimentResult(parent_id, {**results, **timings})

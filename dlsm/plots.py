@@ -10,12 +10,63 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from dlsm.metrics import Evaluation, grid_points  # noqa: E402
 
-__all__ = ["loss_curves", "posterior_field_figure"]
+__all__ = ["loss_curves", "mean_and_ci", "posterior_field_figure", "training_curves_figure"]
 
 CLASS_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+# the DLSM paper's labels for the moons methods (Figure 1 / Table 1 columns are ordered by them)
+PAPER_LABELS = {"base": "(a) base", "scaling": "(b) scaling", "posterior_sm": "(c) posterior SM",
+                "ours": "(d) ours", "oracle": "(e) oracle"}
+
+
+def paper_order(names) -> list[str]:
+    """Method names in the paper's (a)-(e) order, other names after them in their given order."""
+    order = list(PAPER_LABELS)
+    return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+
+
+def mean_and_ci(runs: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over axis 0 and the half-width of its ``level`` Student-t confidence interval
+    (t_{(1+level)/2, n-1} s / sqrt(n)); zero width for a single run."""
+    n = runs.shape[0]
+    mean = runs.mean(axis=0)
+    if n < 2:
+        return mean, np.zeros_like(mean)
+    return mean, stats.t.ppf((1 + level) / 2, n - 1) * runs.std(axis=0, ddof=1) / np.sqrt(n)
+
+
+TRACK_LABELS = {"D_L": "likelihood-score error E[D_L], x~ ~ p(x~|y)", "D_L_grid": "likelihood-score error E[D_L], grid",
+                "ce": "cross-entropy"}
+
+
+def training_curves_figure(
+    curves: dict[str, list[dict[str, list[tuple[int, float]]]]], title: str = ""
+) -> plt.Figure:
+    """DLSM paper Figure 5: one panel per tracked metric (``track/{metric}/s{sigma}``); one line per
+    loss, the mean over its runs (seeds) with a shaded 95 % confidence band."""
+    keys = sorted({k for runs in curves.values() for h in runs for k in h}, key=lambda k: (k.split("/")[1] == "ce", k))
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4.2 * max(len(keys), 1), 3.4), squeeze=False,
+                             constrained_layout=True)
+    for ax, key in zip(axes[0], keys, strict=False):
+        for loss_name, runs in curves.items():
+            hs = [h[key] for h in runs if key in h]
+            if not hs:
+                continue
+            n = min(len(h) for h in hs)
+            steps = np.array([s for s, _ in hs[0][:n]])
+            mean, half = mean_and_ci(np.array([[v for _, v in h[:n]] for h in hs]))
+            (line,) = ax.plot(steps, mean, label=f"{loss_name} (n={len(hs)})")
+            ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.25, lw=0)
+        _, metric, sig = key.split("/")
+        ax.set(xlabel="training iteration", title=f"{TRACK_LABELS.get(metric, metric)}, σ={sig[1:]}")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(f"classifier: {title}")
+    return fig
 
 
 def loss_curves(curves: dict[str, list[tuple[int, float]]], title: str = "training loss") -> plt.Figure:
@@ -44,7 +95,7 @@ def posterior_field_figure(
 ) -> plt.Figure:
     """DLSM paper Figure 1: rows = posterior-score field of each class at ``sigma``, then the samples;
     columns = methods. Arrows share one scale across a row, so lengths compare between methods."""
-    names = list(ev.methods)
+    names = paper_order(ev.methods)
     k = ev.data.num_classes
     pts = grid_points(grid, xlim, ylim)
     fig, axes = plt.subplots(k + 1, len(names), figsize=(3.2 * len(names), 2.4 * (k + 1)), squeeze=False,
@@ -63,7 +114,7 @@ def posterior_field_figure(
                 name = ev.data.class_names[c] if ev.data.class_names else f"c{c}"
                 ax.set_ylabel(f"class {c} ({name})\nposterior score, σ={sigma:g}")
             if c == 0:
-                ax.set_title(n)
+                ax.set_title(PAPER_LABELS.get(n, n))
     for j, n in enumerate(names):
         ax = axes[k, j]
         for c, xs in ev.samples.get(n, {}).items():

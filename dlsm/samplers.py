@@ -41,6 +41,7 @@ def annealed_langevin(
     *,
     eps: float,
     n_steps_each: int = 5,
+    burn_in: int = 0,
     denoise: bool = True,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
@@ -51,12 +52,14 @@ def annealed_langevin(
     For each level sigma_i (descending) take T = ``n_steps_each`` steps
         x <- x + alpha_i s(x, sigma_i) + sqrt(2 alpha_i) z,   alpha_i = eps sigma_i^2 / sigma_L^2,
     then, if ``denoise``, return Tweedie's estimate x + sigma_L^2 s(x, sigma_L).
+    ``burn_in`` extra steps at sigma_1 come first, so that x starts from the sigma_max marginal
+    p_sigma_1(x) rather than from the Gaussian prior.
     """
     step_sizes = langevin_step_sizes(sigmas, eps)
     for i in tqdm(range(len(sigmas)), desc="langevin", leave=False, disable=disable):
         sigma = _sigma_batch(sigmas[i], x)
         alpha = float(step_sizes[i])
-        for _ in range(n_steps_each):
+        for _ in range(n_steps_each + (burn_in if i == 0 else 0)):
             z = torch.randn(x.shape, generator=generator).to(x)
             x = x + alpha * score_fn(x, sigma) + (2.0 * alpha) ** 0.5 * z
         if callback is not None:
@@ -75,6 +78,7 @@ def predictor_corrector(
     *,
     snr: float = 0.16,
     n_corrector_steps: int = 1,
+    burn_in: int = 0,
     denoise: bool = True,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
@@ -86,11 +90,12 @@ def predictor_corrector(
     2 (snr ||z|| / ||s||)^2, then the reverse-diffusion predictor to sigma_{i+1} (0 after the last):
         x <- x + (sigma_i^2 - sigma_{i+1}^2) s(x, sigma_i) + sqrt(sigma_i^2 - sigma_{i+1}^2) z.
     With ``denoise`` the last predictor adds no noise, i.e. returns x + sigma_L^2 s(x, sigma_L).
+    ``burn_in`` extra corrector steps at sigma_1 come first (start from the sigma_max marginal).
     """
     n = len(sigmas)
     for i in tqdm(range(n), desc="pc", leave=False, disable=disable):
         sigma = _sigma_batch(sigmas[i], x)
-        for _ in range(n_corrector_steps):
+        for _ in range(n_corrector_steps + (burn_in if i == 0 else 0)):
             score = score_fn(x, sigma)
             z = torch.randn(x.shape, generator=generator).to(x)
             score_norm = score.reshape(x.shape[0], -1).norm(dim=1).mean()

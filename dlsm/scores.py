@@ -19,6 +19,7 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]
 
 __all__ = [
     "ModelScores",
+    "PosteriorSMScores",
     "ScoreFn",
     "likelihood_score",
     "likelihood_score_and_logits",
@@ -100,6 +101,30 @@ class ModelScores:
 
     def posterior(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int) -> torch.Tensor:
         return self.prior(x, sigma) + self.likelihood(x, sigma, y)
+
+    def posterior_fn(self, y: int) -> ScoreFn:
+        return lambda x, sigma: self.posterior(x, sigma, y)
+
+
+class PosteriorSMScores:
+    """Method (c) of the DLSM paper, "posterior SM": one DSM score model per class,
+    s(x; phi_c) ~ grad log p_sigma(x|y=c); the prior is the unconditional score model s(x; phi)
+    and the likelihood term is what Bayes' rule leaves, posterior - prior.
+    """
+
+    def __init__(self, score_model: nn.Module, class_models: list[nn.Module]) -> None:
+        self.score_model, self.class_models = score_model, class_models
+
+    def prior(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        with torch.no_grad():
+            return self.score_model(x, sigma)
+
+    def posterior(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int) -> torch.Tensor:
+        with torch.no_grad():
+            return self.class_models[y](x, sigma)
+
+    def likelihood(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int) -> torch.Tensor:
+        return self.posterior(x, sigma, y) - self.prior(x, sigma)
 
     def posterior_fn(self, y: int) -> ScoreFn:
         return lambda x, sigma: self.posterior(x, sigma, y)

@@ -17,7 +17,7 @@ import contextlib  # noqa: E402
 import logging  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import mlflow  # noqa: E402
@@ -44,7 +44,10 @@ def _artifact_root() -> str:
 class Tracker:
     """Thin wrapper over the fluent MLflow API holding the experiment and the parent run."""
 
-    def __init__(self, experiment_name: str) -> None:
+    def __init__(
+        self, experiment_name: str, *, on_metrics: Callable[[str, dict[str, float], int], None] | None = None
+    ) -> None:
+        self.on_metrics = on_metrics
         uri = default_tracking_uri()
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -82,8 +85,14 @@ class Tracker:
 
     # -- runs ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def parent(self, run_name: str, config_hash: str, resume_id: str | None) -> Iterator[str]:
-        tags = {"dlsm.kind": "parent", "dlsm.config_hash": config_hash}
+    def parent(
+        self, run_name: str, config_hash: str, resume_id: str | None, *, nest_under: str | None = None,
+        kind: str = "parent",
+    ) -> Iterator[str]:
+        """Start or resume a top-level run; ``nest_under`` makes it a child of another run (a sweep)."""
+        tags = {"dlsm.kind": kind, "dlsm.config_hash": config_hash}
+        if nest_under:
+            tags["mlflow.parentRunId"] = nest_under
         with mlflow.start_run(run_id=resume_id, run_name=None if resume_id else run_name, tags=tags) as run:
             yield run.info.run_id
 
@@ -114,6 +123,8 @@ class Tracker:
         items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
+        if self.on_metrics is not None:
+            self.on_metrics(mlflow.active_run().data.tags.get("dlsm.stage", ""), metrics, step or 0)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)

@@ -93,7 +93,9 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
-@gin.configurable(denylist=["model", "loss_fn", "data", "schedule", "ckpt_path", "log_fn", "seed", "stage"])
+@gin.configurable(
+    denylist=["model", "loss_fn", "data", "schedule", "ckpt_path", "log_fn", "seed", "stage", "eval_fn"]
+)
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -112,6 +114,8 @@ def train(
     ckpt_every: int = 500,
     log_every: int = 50,
     log_fn: LogFn | None = None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    eval_every: int = 100,
     disable_progress: bool | None = None,
 ) -> TrainResult:
     """Minimise mean(loss_fn(model, x, y, sigma, noise)) over minibatches; resume from ``ckpt_path``.
@@ -119,11 +123,14 @@ def train(
     sigma is drawn log-uniformly on [sigma_min, sigma_max] (``sigma_distribution='log_uniform'``)
     or uniformly from the discrete ``schedule.sigmas`` (``'discrete'``).
     A NaN/Inf loss stops training with NonFiniteLossError; the last good checkpoint is left in place.
+    ``eval_fn(model)`` (if given) runs at step 0 and every ``eval_every`` steps on the weights being
+    trained (not the EMA), in eval mode; its metrics go to ``log_fn`` at that step (training curves).
     """
     n_iters = _check_positive_int("n_iters", n_iters)
     batch_size = _check_positive_int("batch_size", batch_size)
     ckpt_every = _check_positive_int("ckpt_every", ckpt_every)
     log_every = _check_positive_int("log_every", log_every)
+    eval_every = _check_positive_int("eval_every", eval_every)
     if sigma_distribution not in ("log_uniform", "discrete"):
         raise ConfigError(f"train.sigma_distribution must be 'log_uniform' or 'discrete', got {sigma_distribution!r}")
     if not 0.0 <= ema_decay < 1.0:
@@ -159,7 +166,18 @@ def train(
     losses: list[tuple[int, float]] = []
     running, count = torch.zeros(()), 0
     bad = torch.zeros((), dtype=torch.bool)
+    def evaluate() -> None:
+        if eval_fn is None:
+            return
+        model.eval()
+        metrics = eval_fn(model)
+        model.train()
+        if log_fn is not None:
+            log_fn(metrics, step)
+
     model.train()
+    if step == 0:
+        evaluate()
     bar = tqdm(total=n_iters, initial=step, desc=stage, disable=disable_progress, leave=False)
     while step < n_iters:
         idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen)
@@ -205,6 +223,8 @@ def train(
                 log_fn({f"{stage}/loss": mean}, step)
         if at_ckpt:
             checkpoint()
+        if step % eval_every == 0 or step == n_iters:
+            evaluate()
     bar.close()
     model.eval()
     ema.module.eval()

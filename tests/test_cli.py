@@ -241,17 +241,118 @@ def test_resume_fetches_a_finished_stage_checkpoint_from_mlflow(tmp_path):
     assert steps == [20, 40, 60]  # logged once, by the first launch: not retrained
 
 
-def test_branch_classifier_and_sampling_methods_via_gin_include(tmp_path):
-    proc = launch(tmp_path, gin_files=(str(ROOT / "gin" / "moons_branch.gin"),),
-                  params=TINY + ["classifier/train.n_iters = 20"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+TINY_PAPER = TINY + [
+    "classifier/train.n_iters = 20",
+    "BURN_IN = 3",
+    "EVAL_SIGMAS = (0.5, 7.5)",
+    "posterior_field_figure.grid = 6",
+]
+
+
+TINY_ABLATION = TINY_PAPER + [
+    "N_SEEDS = 2", "classifier/train.eval_every = 10", "classifier/train.n_iters = 20",
+    "LikelihoodScoreTracker.n_points = 32", "LikelihoodScoreTracker.grid_size = 5",
+    "experiment.classifier = {'branch': @BranchClassifier}",
+]
+
+
+@pytest.fixture(scope="module")
+def paper_runs(tmp_path_factory) -> Path:
+    """A tiny gin/moons_table1.gin and gin/moons_ablation.gin run in one folder (one MLflow store)."""
+    cwd = tmp_path_factory.mktemp("paper")
+    for name, params in (("moons_table1", TINY_PAPER), ("moons_ablation", TINY_ABLATION)):
+        proc = launch(cwd, gin_files=(str(ROOT / "gin" / f"{name}.gin"),), params=params)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return cwd
+
+
+def test_tiny_table1_has_every_method_class_and_metric_finite(paper_runs):
+    tmp_path = paper_runs
     c = client(tmp_path)
-    (parent,) = parents(c)
-    final = runs_by_stage(c, parent.info.run_id)["sampling"].data.metrics
-    for method in ("base", "scaling", "ours", "oracle"):
-        assert math.isfinite(final[f"{method}/c0/recall"]), method
-    assert math.isfinite(final["scaling/c1/D_L_grid/s7.5"])
-    assert parent.data.params["experiment.classifier"] == "@BranchClassifier"
+    exp = c.get_experiment_by_name("moons_table1")
+    (parent,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'parent'")
+    kids = runs_by_stage_in(c, exp, parent.info.run_id)
+    assert {"stage1-score", "posterior_sm-c0", "posterior_sm-c1", "stage2-ce-mlp", "stage2-total-mlp",
+            "stage2-ce-branch", "stage2-total-branch", "sampling"} <= set(kids)
+    final = kids["sampling"].data.metrics
+    methods = [f"{m}-{s}" for m in ("base", "scaling", "ours") for s in ("mlp", "branch")] + ["posterior_sm"]
+    for m in methods:
+        for cls in (0, 1):
+            for metric in ("D_P/s0.5", "D_L/s7.5", "D_P_grid/s7.5", "D_L_grid/s0.5", "precision", "recall", "sw1"):
+                key = f"{m}/c{cls}/{metric}"
+                assert key in final and math.isfinite(final[key]), key
+    for cls in (0, 1):
+        for m in ("oracle", "data"):
+            assert all(math.isfinite(final[f"{m}/c{cls}/{k}"]) for k in ("precision", "recall", "sw1"))
+    # scaling is base with alpha = SCALING_ALPHA: its likelihood term is exactly alpha times base's,
+    # so alpha_star (least-squares scale onto the oracle) is base's divided by alpha
+    for s in ("mlp", "branch"):
+        assert final[f"scaling-{s}/c0/alpha_star_grid/s7.5"] == pytest.approx(
+            final[f"base-{s}/c0/alpha_star_grid/s7.5"] / 2.0, rel=1e-6)
+    arts = artifact_paths(c, kids["sampling"].info.run_id)
+    assert {"plots/posterior_field_figure-mlp.png", "plots/posterior_field_figure-branch.png"} <= arts
+    assert parent.data.params["experiment.posterior_sm"] == "True"
+
+
+def runs_by_stage_in(c, exp, parent_id: str) -> dict:
+    kids = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {r.data.tags["dlsm.stage"]: r for r in kids}
+
+
+def test_tiny_ablation_logs_training_curves_per_seed(paper_runs):
+    c = client(paper_runs)
+    exp = c.get_experiment_by_name("moons_ablation")
+    (parent,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'parent'")
+    kids = runs_by_stage_in(c, exp, parent.info.run_id)
+    for loss in ("ce", "dlsm", "total"):
+        for seed in (0, 1):
+            run = kids[f"stage2-{loss}-branch-seed{seed}"]
+            for key in ("track/D_L/s7.5", "track/D_L_grid/s7.5", "track/ce/s7.5"):
+                hist = c.get_metric_history(run.info.run_id, key)
+                assert sorted(m.step for m in hist) == [0, 10, 20], (loss, seed, key)
+                assert all(math.isfinite(m.value) for m in hist)
+    # different seeds train different classifiers; step 0 is the same initialisation per seed for every loss
+    h = {(loss, seed): c.get_metric_history(kids[f"stage2-{loss}-branch-seed{seed}"].info.run_id, "track/ce/s7.5")
+         for loss in ("ce", "total") for seed in (0, 1)}
+    first = {k: min(v, key=lambda m: m.step).value for k, v in h.items()}
+    assert first["ce", 0] == pytest.approx(first["total", 0]) and first["ce", 0] != first["ce", 1]
+    assert "plots/training_curves-branch.png" in artifact_paths(c, parent.info.run_id)
+    sampling_artifacts = artifact_paths(c, kids["sampling"].info.run_id)
+    assert not any(k.startswith("samples/") for k in sampling_artifacts)
+
+
+def test_report_is_generated_from_the_runs(paper_runs):
+    out = paper_runs / "docs" / "moons.md"
+    notes = paper_runs / "notes.md"
+    notes.write_text("## Discussion\nhand-written")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "dlsm.report", "--out", str(out), "--notes", str(notes)],
+                          cwd=paper_runs, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    c = client(paper_runs)
+    exp = c.get_experiment_by_name("moons_table1")
+    (parent,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'parent'")
+    final = runs_by_stage_in(c, exp, parent.info.run_id)["sampling"].data.metrics
+    # the table carries the run's numbers, formatted to 3 significant digits
+    assert f"| {final['oracle/c0/precision']:.3g} |" in text
+    assert f"{final['base-mlp/c1/D_L_grid/s7.5']:.3g}" in text
+    for heading in ("## Table 1", "### Classifier shape `mlp`", "### Classifier shape `branch`", "## Figure 1",
+                    "## Figure 5", "#### Classifier shape `branch`", "## The paper's claims", "## Settings",
+                    "## Discussion"):
+        assert heading in text, heading
+    for png in ("figure1-mlp.png", "figure1-branch.png", "figure5-branch.png"):
+        assert (out.parent / "moons" / png).stat().st_size > 1000, png
+        assert f"](moons/{png})" in text
+    assert "(a) base" in text and "(e) oracle" in text and "E[D_L] ours (Total) < base (CE)" in text
+
+
+def test_report_without_runs_is_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "dlsm.report", "--out", str(tmp_path / "r.md")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "no finished 'moons_table1' run" in lines[0], proc.stderr
 
 
 def test_bad_sampling_method_fails_before_training(tmp_path):

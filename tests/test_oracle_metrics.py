@@ -322,3 +322,59 @@ def test_score_error_metrics_known_answers_on_data_and_grid():
                 assert out[f"doubled/c{c}/D_P{suffix}/s{s}"] == pytest.approx(out[f"doubled/c{c}/D_L{suffix}/s{s}"])
         # on the grid at sigma = 7.5 the true likelihood score is far from zero (the paper's point)
         assert out[f"doubled/c{c}/D_L_grid/s7.5"] > 0.01
+
+
+def test_likelihood_tracker_known_answers():
+    """A classifier whose logits do not depend on x has likelihood score 0, so its E[D_L] is the mean
+    norm of the oracle's likelihood score on the same points; with zero logits its CE is log 2."""
+    from torch import nn
+
+    from dlsm.data import two_moons
+    from dlsm.metrics import LikelihoodScoreTracker
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x, sigma):
+            return self.b.expand(x.shape[0], 2) + 0.0 * x.sum(1, keepdim=True)
+
+    data = two_moons(600, scale=20.0)
+    tr = LikelihoodScoreTracker(data, sigmas=(2.0, 7.5), n_points=64, grid_size=5)
+    out = tr(Flat())
+    assert set(out) == {f"track/{k}/s{s}" for k in ("D_L", "D_L_grid", "ce") for s in ("2", "7.5")}
+    for (key, _sigma, _c), (x, _) in tr.points.items():
+        assert x.shape[0] == (64 if key == "D_L" else 25)
+    for sigma in (2.0, 7.5):
+        for key in ("D_L", "D_L_grid"):
+            expect = sum(
+                float(oracle_likelihood_score(data.x.double(), data.y, tr.points[key, sigma, c][0].double(), sigma, c)
+                      .norm(dim=1).mean()) for c in (0, 1)) / 2
+            assert out[f"track/{key}/s{sigma:g}"] == pytest.approx(expect, rel=1e-5)  # float32 points
+        assert out[f"track/ce/s{sigma:g}"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_mean_and_ci_matches_scipy_t_interval():
+    import numpy as np
+    from scipy import stats
+
+    from dlsm.plots import mean_and_ci
+
+    runs = np.random.default_rng(0).normal(size=(5, 7))
+    mean, half = mean_and_ci(runs)
+    lo, hi = stats.t.interval(0.95, 4, loc=runs.mean(0), scale=stats.sem(runs, axis=0))
+    assert np.allclose(mean - half, lo) and np.allclose(mean + half, hi)
+    assert np.all(mean_and_ci(runs[:1])[1] == 0)
+
+
+def test_posterior_sm_scores_follow_bayes_rule():
+    from dlsm.scores import PosteriorSMScores
+
+    prior = lambda x, s: -x  # noqa: E731
+    class_models = [lambda x, s: -(x - 1.0), lambda x, s: -(x + 2.0)]
+    sc = PosteriorSMScores(prior, class_models)
+    x = torch.randn(10, 2)
+    assert torch.allclose(sc.posterior(x, 1.0, 1), -(x + 2.0))
+    assert torch.allclose(sc.likelihood(x, 1.0, 0), torch.ones_like(x))  # posterior - prior
+    assert torch.allclose(sc.posterior_fn(0)(x, 1.0), sc.prior(x, 1.0) + sc.likelihood(x, 1.0, 0))

@@ -242,3 +242,19 @@ def test_ema_matches_manual_exponential_moving_average(tmp_path: Path):
     assert state["step"] == n_iters
     torch.testing.assert_close(state["ema"]["module.net.out.weight"], got["net.out.weight"], rtol=0, atol=0)
     assert math.isfinite(res.losses[-1][1])
+
+
+def test_eval_fn_runs_at_step_zero_every_k_and_at_the_end_on_training_weights(tmp_path: Path):
+    seen: list[tuple[int, float]] = []
+    calls: list[bool] = []
+
+    def eval_fn(model):
+        calls.append(model.training)
+        return {"track/w": float(next(model.parameters()).detach().sum())}
+
+    model = _model()
+    _train(model, tmp_path / "a.pt", 25, eval_fn=eval_fn, eval_every=10,
+           log_fn=lambda m, step: seen.append((step, m["track/w"])) if "track/w" in m else None)
+    assert [s for s, _ in seen] == [0, 10, 20, 25]
+    assert calls == [False] * 4 and model.training is False  # evaluated in eval mode
+    assert seen[-1][1] == pytest.approx(float(next(model.parameters()).detach().sum()))  # raw weights, not EMA

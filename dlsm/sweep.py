@@ -1,0 +1,385 @@
+"""Ray Tune sweeps of one gin binding (lambda, alpha, a noise setting) over a dlsm experiment.
+
+    python tune/sweep.py --param LAM --values 0.03 0.125 0.5 [--gin FILE ...] [--gin_param B ...]
+                         [--share stage1|stage2|none] [--address ADDRESS] [--resume]
+
+The driver parses the gin files, trains the shared stages once (``experiment.stop_after``) and then
+runs one Ray Tune trial per value. Each trial is a worker process that parses the same gin files and
+bindings itself (gin state is per process), adds the swept value and
+``experiment.stage1_run_id`` / ``stage2_run_id`` of the shared run, and runs the rest of the
+experiment as a child MLflow run of the sweep's parent run. At the end the driver prints the results
+sorted by the metric and logs a plot of the metric against the swept value.
+
+Settings that are not about *what* to sweep are gin bindings of :func:`sweep` (resources,
+scheduler, retries, metric), so a gin file can declare them too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gin
+
+from dlsm.errors import ConfigError, DlsmError
+
+__all__ = ["SweepResult", "SweepSettings", "local_ray_env", "run_sweep", "sweep"]
+
+SHARE = ("stage1", "stage2", "none")
+
+
+@dataclass
+class SweepSettings:
+    metric: str
+    mode: str
+    scheduler: str
+    gpus_per_trial: float
+    cpus_per_trial: float
+    max_failures: int
+    max_concurrent_trials: int
+    grace_period: int
+    report_every: int
+
+
+@gin.configurable
+def sweep(
+    *,
+    metric: str = "total/D_L_grid/s7.5",
+    mode: str = "min",
+    scheduler: str = "grid",
+    gpus_per_trial: float = 1.0,
+    cpus_per_trial: float = 1.0,
+    max_failures: int = 1,
+    max_concurrent_trials: int = 0,
+    grace_period: int = 4,
+    report_every: int = 1,
+) -> SweepSettings:
+    """Sweep settings. ``metric`` is a final metric of the trial's experiment, averaged over classes
+    when it has no ``/c{k}/`` part (``total/D_L_grid/s7.5`` is the mean of ``total/c*/D_L_grid/s7.5``),
+    or a stage-2 training metric ``{loss}/{key}`` (``total/track/D_L_grid/s7.5``, ``total/loss``)
+    that trials also report while they train. ``scheduler``: ``'grid'`` runs every value to the end;
+    ``'asha'`` stops the worst trials early at rungs of ``grace_period`` reports (give it a training
+    metric). ``gpus_per_trial`` applies only where the cluster has GPUs (fractions such as 0.25 pack
+    small trials onto one GPU); elsewhere trials take ``cpus_per_trial`` CPUs. A failed trial is
+    retried ``max_failures`` times. ``max_concurrent_trials = 0`` lets Ray decide."""
+    if mode not in ("min", "max"):
+        raise ConfigError(f"sweep.mode must be 'min' or 'max', got {mode!r}")
+    if scheduler not in ("grid", "asha"):
+        raise ConfigError(f"sweep.scheduler must be 'grid' or 'asha', got {scheduler!r}")
+    if not gpus_per_trial > 0 or not cpus_per_trial > 0:
+        raise ConfigError("sweep.gpus_per_trial and sweep.cpus_per_trial must be positive")
+    if max_failures < 0 or max_concurrent_trials < 0 or grace_period < 1 or report_every < 1:
+        raise ConfigError("sweep.max_failures and max_concurrent_trials must be >= 0, grace_period and "
+                          "report_every >= 1")
+    return SweepSettings(metric, mode, scheduler, float(gpus_per_trial), float(cpus_per_trial), max_failures,
+                         max_concurrent_trials, grace_period, report_every)
+
+
+def local_ray_env() -> dict[str, str]:
+    """Environment that keeps a project-started Ray on this machine: no usage stats (whose start-up
+    probes cloud-metadata addresses and the internet) and no dashboard."""
+    return {
+        "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    }
+
+
+def _format_value(v: str) -> object:
+    """A --values entry as a Python literal for gin (numbers stay numbers, 'auto' a string)."""
+    try:
+        return int(v) if v.lstrip("-").isdigit() else float(v)
+    except ValueError:
+        return v
+
+
+def _binding(param: str, value: object) -> str:
+    return f"{param} = {value!r}"
+
+
+def class_mean(metrics: dict[str, float], key: str) -> float | None:
+    """``key`` itself, or the mean of ``{method}/c*/{rest}`` for ``key = {method}/{rest}``."""
+    if key in metrics:
+        return metrics[key]
+    method, _, rest = key.partition("/")
+    vals = [v for k, v in metrics.items() if k.startswith(f"{method}/c") and k.split("/", 2)[1][1:].isdigit()
+            and k.split("/", 2)[2] == rest]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _trial(trial_config: dict, setup: dict) -> None:
+    """One Ray Tune trial: parse gin here (per process), run the experiment, report metrics.
+
+    ``trial_config`` is Tune's (the swept value); ``setup`` is what every trial shares."""
+    config = {**setup, **trial_config}
+    os.environ.update(config["env"])
+    os.chdir(config["cwd"])
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(config["threads"])))
+
+    from dlsm import components  # noqa: F401
+    from dlsm.config import parse_config
+    from dlsm.pipeline import experiment, run_experiment
+
+    gin.clear_config()
+    value = config["value"]
+    params = [*config["gin_params"], _binding(config["param"], value), *config["shared_bindings"]]
+    parse_config(config["gin_files"], params)
+    spec = experiment()
+    metric, every = config["metric"], config["report_every"]
+    count = {"n": 0}
+
+    def on_metrics(stage: str, metrics: dict[str, float], step: int) -> None:
+        # stage-2 training metrics as they are logged, for schedulers such as ASHA
+        if not stage.startswith("stage2-"):
+            return
+        loss = stage.removeprefix("stage2-").split("-")[0]
+        named = {f"{loss}/{k.removeprefix(loss + '/')}": v for k, v in metrics.items()}
+        if metric in named:
+            count["n"] += 1
+            if count["n"] % every == 0:
+                tune.report({metric: named[metric], "step": step, "value": value})
+
+    t0 = time.perf_counter()
+    result = run_experiment(spec, parent_run_id=config["sweep_run_id"], run_name=f"{config['param']}={value}",
+                            on_metrics=on_metrics)
+    score = class_mean(result.metrics, metric)
+    # only the sweep's own columns go to Tune; every metric of the trial is in its MLflow run
+    tune.report({metric: score if score is not None else math.nan, "value": value,
+                 "trial_compute_s": time.perf_counter() - t0, "mlflow_run_id": result.run_id})
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict] = field(default_factory=list)  # one per trial: value, metric, status, run id
+    failed: int = 0
+    run_id: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_sweep(
+    gin_files: Sequence[str],
+    gin_params: Sequence[str],
+    *,
+    param: str,
+    values: Sequence[str],
+    share: str = "stage1",
+    address: str | None = None,
+    resume: bool = False,
+    storage: str = "ray_results",
+) -> SweepResult:
+    """Run the sweep; see the module docstring. Returns the per-trial results (sorted by the metric)."""
+    if share not in SHARE:
+        raise ConfigError(f"--share must be one of {SHARE}, got {share!r}")
+    if not values:
+        raise ConfigError("give at least one value to sweep (--values)")
+    from dlsm import components  # noqa: F401
+    from dlsm.config import parse_config
+    from dlsm.pipeline import experiment, run_experiment
+    from dlsm.tracking import Tracker, default_tracking_uri
+
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    parsed = [_format_value(v) for v in values]
+    parse_config(list(gin_files), [*gin_params, _binding(param, parsed[0])])  # validates files, bindings, value
+    settings = sweep()
+    spec = experiment()
+    cwd = Path.cwd()
+    env = {**local_ray_env(), "MLFLOW_TRACKING_URI": default_tracking_uri()}
+    os.environ.update(env)
+    sweep_name = f"{spec.name}-sweep-{param.replace('/', '_').replace('.', '_')}"
+
+    # -- shared stages, trained once in the driver ---------------------------------------------
+    shared: list[str] = []
+    if share != "none":
+        gin.clear_config()
+        parse_config(list(gin_files), [*gin_params, _binding(param, parsed[0]), f"experiment.stop_after = '{share}'"])
+        t0 = time.perf_counter()
+        base = run_experiment(experiment(), run_name=f"{spec.name}-shared-{share}")
+        timings["shared_stages_s"] = time.perf_counter() - t0
+        shared.append(f"experiment.stage1_run_id = '{base.run_id}'")
+        if share == "stage2":
+            shared.append(f"experiment.stage2_run_id = '{base.run_id}'")
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    tracker = Tracker(spec.name)
+    t0 = time.perf_counter()
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env},
+                 log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env},
+                 log_to_driver=False, configure_logging=False)
+    timings["ray_init_s"] = time.perf_counter() - t0
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        resources = {"cpu": settings.cpus_per_trial}
+        if gpus > 0:
+            resources["gpu"] = min(settings.gpus_per_trial, gpus)
+        storage_path = str((cwd / storage).resolve())
+        exp_dir = Path(storage_path) / sweep_name
+
+        with tracker.parent(sweep_name, f"sweep:{sweep_name}", _unfinished_sweep(tracker, sweep_name) if resume
+                            else None, kind="sweep") as sweep_run_id:
+            tracker.log_params({"sweep.param": param, "sweep.values": list(parsed), "sweep.share": share,
+                                "sweep.metric": settings.metric, "sweep.scheduler": settings.scheduler,
+                                "sweep.resources": resources, **{f"sweep.shared.{i}": b for i, b in enumerate(shared)}})
+            setup = {
+                "param": param, "gin_files": [str(Path(f).resolve()) for f in gin_files],
+                "gin_params": list(gin_params), "shared_bindings": shared, "metric": settings.metric,
+                "report_every": settings.report_every, "sweep_run_id": sweep_run_id, "env": env, "cwd": str(cwd),
+                "threads": settings.cpus_per_trial,
+            }
+            trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), resources)
+            space = {"value": tune.grid_search(parsed)}
+            if resume and tune.Tuner.can_restore(str(exp_dir)):
+                tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
+            else:
+                scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=settings.grace_period)
+                             if settings.scheduler == "asha" else FIFOScheduler())
+                tuner = tune.Tuner(
+                    trainable, param_space=space,
+                    tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, scheduler=scheduler,
+                                                max_concurrent_trials=settings.max_concurrent_trials or None),
+                    run_config=tune.RunConfig(name=sweep_name, storage_path=storage_path, verbose=1,
+                                              failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
+                )
+            t0 = time.perf_counter()
+            grid = tuner.fit()
+            timings["tune_fit_s"] = time.perf_counter() - t0
+            out = _collect(grid, settings)
+            out.run_id = sweep_run_id
+            ok = [r for r in out.rows if r["status"] == "ok" and math.isfinite(r["metric"])]
+            if ok:
+                tracker.log_figure(_metric_plot(ok, param, settings.metric), "plots/metric_vs_value.png")
+                best = ok[0]
+                tracker.log_metrics({f"best/{settings.metric}": best["metric"], "best/value": float(best["value"])
+                                     if isinstance(best["value"], (int, float)) else math.nan})
+            tracker.log_text(_table_text(out.rows, param, settings.metric), "results.md")
+            timings["total_s"] = time.perf_counter() - t_start
+            out.timings = timings
+            tracker.log_metrics({f"time/{k}": v for k, v in timings.items()} | {"failed_trials": out.failed})
+            if out.failed == len(out.rows):
+                raise _AllFailed(out)
+    finally:
+        ray.shutdown()
+    return out
+
+
+class _AllFailed(DlsmError):
+    exit_code = 1
+
+    def __init__(self, result: SweepResult) -> None:
+        errors = [r["error"] for r in result.rows if r.get("error")]
+        super().__init__(f"every trial of the sweep failed ({result.failed} of {len(result.rows)}); first error: "
+                         f"{errors[0] if errors else 'unknown'}")
+        self.result = result
+
+
+def _unfinished_sweep(tracker, sweep_name: str) -> str | None:
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`dlsm.config_hash` = 'sweep:{sweep_name}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
+
+
+def _collect(grid, settings: SweepSettings) -> SweepResult:
+    out = SweepResult()
+    for res in grid:
+        value = res.config.get("value") if res.config else None
+        metrics = res.metrics or {}
+        if res.error is not None:
+            out.failed += 1
+            first = str(res.error).strip().splitlines()
+            msg = next((ln for ln in reversed(first) if "Error" in ln), first[-1] if first else "error")
+            out.rows.append({"value": value, "metric": math.nan, "status": "failed", "error": msg[:300],
+                             "run_id": metrics.get("mlflow_run_id", "")})
+            continue
+        m = metrics.get(settings.metric, math.nan)
+        stopped = "mlflow_run_id" not in metrics  # ASHA stopped it before its final report
+        out.rows.append({"value": value, "metric": float(m) if m is not None else math.nan,
+                         "status": "stopped early" if stopped else "ok", "run_id": metrics.get("mlflow_run_id", ""),
+                         "compute_s": metrics.get("trial_compute_s", math.nan),
+                         "ray_s": metrics.get("time_total_s", math.nan)})
+    sign = 1 if settings.mode == "min" else -1
+    out.rows.sort(key=lambda r: (r["status"] != "ok", sign * r["metric"] if math.isfinite(r["metric"]) else math.inf))
+    return out
+
+
+def _table_text(rows: list[dict], param: str, metric: str) -> str:
+    lines = [f"| {param} | {metric} | status | MLflow run |", "|---|---|---|---|"]
+    for r in rows:
+        m = f"{r['metric']:.4g}" if math.isfinite(r["metric"]) else "–"
+        lines.append(f"| {r['value']} | {m} | {r['status']}{': ' + r['error'] if r.get('error') else ''} "
+                     f"| {r.get('run_id', '')} |")
+    return "\n".join(lines)
+
+
+def _metric_plot(rows: list[dict], param: str, metric: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = all(isinstance(r["value"], (int, float)) for r in rows)
+    pts = sorted(rows, key=lambda r: r["value"]) if numeric else rows
+    fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
+    xs = [r["value"] if numeric else str(r["value"]) for r in pts]
+    ax.plot(xs, [r["metric"] for r in pts], "o-")
+    if numeric and all(x > 0 for x in xs) and max(xs) / min(xs) > 10:
+        ax.set_xscale("log")
+    ax.set(xlabel=param, ylabel=metric, title=f"sweep of {param}")
+    return fig
+
+
+def main(argv: Sequence[str] | None = None, *, param: str | None = None, values: Sequence[str] = (),
+         share: str = "stage1", default_params: Sequence[str] = (), prog: str = "tune/sweep.py") -> int:
+    """Command line shared by the scripts in ``tune/``; they only change the defaults."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog=f"python {prog}", description=__doc__.splitlines()[0])
+    p.add_argument("--gin", action="append", default=[], metavar="FILE", help="gin file (default gin/moons.gin)")
+    p.add_argument("--gin_param", action="append", default=[], metavar="BINDING", help="a gin binding (repeatable)")
+    p.add_argument("--param", default=param, required=param is None,
+                   help="the binding to sweep (a %%MACRO or configurable.parameter)"
+                   + (f"; default {param}" if param else ""))
+    p.add_argument("--values", nargs="+", default=list(values), required=not values,
+                   help=f"values to sweep{f'; default {list(values)}' if values else ''}")
+    p.add_argument("--share", choices=SHARE, default=share,
+                   help=f"stages trained once and shared by every trial (default {share})")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted sweep of the same name")
+    p.add_argument("--storage", default="ray_results", help="Ray Tune's results folder (default ./ray_results)")
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors")
+    args = p.parse_args(argv)
+    for k, v in local_ray_env().items():
+        os.environ.setdefault(k, v)
+    try:
+        res = run_sweep(args.gin or ["gin/moons.gin"], [*default_params, *args.gin_param], param=args.param,
+                        values=args.values, share=args.share, address=args.address, resume=args.resume,
+                        storage=args.storage)
+    except _AllFailed as err:
+        print(_table_text(err.result.rows, args.param, sweep().metric))
+        print(f"dlsm: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except DlsmError as err:
+        if args.traceback:
+            raise
+        print(f"dlsm: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("dlsm: interrupted; rerun with --resume to continue the sweep", file=sys.stderr)
+        return 130
+    print(_table_text(res.rows, args.param, sweep().metric))
+    print(f"MLflow sweep run {res.run_id}; {res.failed} of {len(res.rows)} trials failed; "
+          + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items()))
+    return 0

@@ -1,0 +1,106 @@
+"""Ray Tune sweeps end to end (``tune/sweep_lambda.py``): trials as MLflow child runs, failures, locality."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dlsm.sweep import class_mean, local_ray_env
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "score/train.n_iters = 40", "classifier/train.n_iters = 20", "score/train.batch_size = 64",
+    "classifier/train.batch_size = 64", "score/train.log_every = 10", "classifier/train.log_every = 10",
+    "NUM_SCALES = 6", "STEPS_PER_SCALE = 1", "experiment.n_samples = 32", "two_moons.n = 300",
+    "score_error_metrics.n_points = 32", "score_error_metrics.grid_size = 6", "classifier_metrics.n_points = 32",
+    "posterior_field_figure.grid = 5", "experiment.oracle = True", "sweep.cpus_per_trial = 1",
+]
+
+
+def sweep(cwd: Path, script: str, *args: str, params=TINY, timeout: int = 600):
+    cmd = [sys.executable, str(ROOT / "tune" / script), "--gin", str(ROOT / "gin" / "moons.gin")]
+    cmd += [x for p in params for x in ("--gin_param", p)] + list(args)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def client(cwd: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+
+
+def test_class_mean():
+    m = {"total/c0/sw1": 1.0, "total/c1/sw1": 3.0, "ce/c0/sw1": 10.0, "total/c0/D_L/s1": 5.0, "total/loss": 2.0}
+    assert class_mean(m, "total/sw1") == 2.0
+    assert class_mean(m, "total/loss") == 2.0
+    assert class_mean(m, "total/c0/sw1") == 1.0
+    assert class_mean(m, "total/D_L/s1") == 5.0
+    assert class_mean(m, "total/precision") is None
+
+
+def test_local_ray_env_turns_off_usage_stats():
+    env = local_ray_env()
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+def test_lambda_sweep_three_trials_as_mlflow_children(tmp_path):
+    proc = sweep(tmp_path, "sweep_lambda.py", "--values", "0.05", "0.5", "5.0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = client(tmp_path)
+    exp = c.get_experiment_by_name("moons")
+    (sweep_run,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'sweep'")
+    assert sweep_run.info.status == "FINISHED"
+    trials = c.search_runs([exp.experiment_id],
+                           filter_string=f"tags.`mlflow.parentRunId` = '{sweep_run.info.run_id}'")
+    assert len(trials) == 3
+    assert sorted(float(t.data.params["macro.LAM"]) for t in trials) == [0.05, 0.5, 5.0]
+    for t in trials:
+        assert t.info.status == "FINISHED"
+        for key in ("total/c0/D_L_grid/s7.5", "total/c1/D_L_grid/s7.5", "ce/c0/precision", "total/ce/s7.5"):
+            assert math.isfinite(t.data.metrics[key]), key
+    # stage 1 was trained once, in the shared run, and every trial reused it
+    reused = set()
+    for t in trials:
+        kids = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{t.info.run_id}'")
+        (s1,) = [k for k in kids if k.data.tags["dlsm.stage"] == "stage1-score"]
+        reused.add(s1.data.params["reused_stage1_run_id"])
+        assert "score/loss" not in s1.data.metrics
+    (shared,) = reused
+    assert c.get_run(shared).data.params["experiment.stop_after"] == "'stage1'"
+    # the sweep run: results table and the metric-vs-lambda plot; the printed table is sorted by the metric
+    arts = {a.path for a in c.list_artifacts(sweep_run.info.run_id)} | {
+        a.path for a in c.list_artifacts(sweep_run.info.run_id, "plots")}
+    assert {"results.md", "plots/metric_vs_value.png"} <= arts
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    values = [float(r.split("|")[2]) for r in rows]
+    assert len(rows) == 3 and values == sorted(values)
+
+
+def test_sweep_where_every_trial_fails_exits_non_zero(tmp_path):
+    # stage 1 is fine (shared, trained in the driver); every trial's stage 2 is misconfigured
+    proc = sweep(tmp_path, "sweep_lambda.py", "--values", "0.1", "1.0",
+                 params=[*TINY, "classifier/train.n_iters = 0", "sweep.max_failures = 1"])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = [ln for ln in proc.stderr.splitlines() if ln.startswith("dlsm: error:")]
+    assert last and "every trial of the sweep failed (2 of 2)" in last[-1], proc.stderr[-3000:]
+    assert "n_iters" in last[-1], last[-1]
+
+
+def test_bad_sweep_setting_is_one_line(tmp_path):
+    proc = sweep(tmp_path, "sweep_lambda.py", "--values", "0.1", params=[*TINY, "sweep.scheduler = 'bogus'"],
+                 timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "sweep.scheduler" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("script", ["sweep_alpha.py", "sweep_noise.py", "sweep_lambda.py", "sweep.py"])
+def test_scripts_have_help(script):
+    proc = subprocess.run([sys.executable, str(ROOT / "tune" / script), "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert proc.returncode == 0 and "--address" in proc.stdout and "--values" in proc.stdout
