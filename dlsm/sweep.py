@@ -132,7 +132,7 @@ def _trial(trial_config: dict, setup: dict) -> None:
     parse_config(config["gin_files"], params)
     spec = experiment()
     metric, every = config["metric"], config["report_every"]
-    count = {"n": 0}
+    count: dict[str, object] = {"n": 0, "last": None}
 
     def on_metrics(stage: str, metrics: dict[str, float], step: int) -> None:
         # stage-2 training metrics as they are logged, for schedulers such as ASHA
@@ -141,14 +141,24 @@ def _trial(trial_config: dict, setup: dict) -> None:
         loss = stage.removeprefix("stage2-").split("-")[0]
         named = {f"{loss}/{k.removeprefix(loss + '/')}": v for k, v in metrics.items()}
         if metric in named:
-            count["n"] += 1
-            if count["n"] % every == 0:
-                tune.report({metric: named[metric], "step": step, "value": value})
+            count["n"] = int(count["n"]) + 1
+            count["last"] = named[metric]
+            if int(count["n"]) % every == 0:
+                import mlflow
+
+                run_id = mlflow.active_run().data.tags.get("mlflow.parentRunId", "")
+                tune.report({metric: named[metric], "step": step, "value": value, "mlflow_run_id": run_id})
 
     t0 = time.perf_counter()
-    result = run_experiment(spec, parent_run_id=config["sweep_run_id"], run_name=f"{config['param']}={value}",
-                            on_metrics=on_metrics)
+    done = _finished_trial(spec.name, config["sweep_run_id"])
+    if done is not None:  # finished before an interruption, but Tune had not recorded it: report it again
+        result = done
+    else:
+        result = run_experiment(spec, parent_run_id=config["sweep_run_id"], run_name=f"{config['param']}={value}",
+                                on_metrics=on_metrics)
     score = class_mean(result.metrics, metric)
+    if score is None:  # a training metric: its last value
+        score = count["last"]
     # only the sweep's own columns go to Tune; every metric of the trial is in its MLflow run
     tune.report({metric: score if score is not None else math.nan, "value": value,
                  "trial_compute_s": time.perf_counter() - t0, "mlflow_run_id": result.run_id})
@@ -179,7 +189,7 @@ def run_sweep(
     if not values:
         raise ConfigError("give at least one value to sweep (--values)")
     from dlsm import components  # noqa: F401
-    from dlsm.config import parse_config
+    from dlsm.config import config_hash, parse_config
     from dlsm.pipeline import experiment, run_experiment
     from dlsm.tracking import Tracker, default_tracking_uri
 
@@ -200,11 +210,15 @@ def run_sweep(
         gin.clear_config()
         parse_config(list(gin_files), [*gin_params, _binding(param, parsed[0]), f"experiment.stop_after = '{share}'"])
         t0 = time.perf_counter()
-        base = run_experiment(experiment(), run_name=f"{spec.name}-shared-{share}")
+        base_id = _finished_run(Tracker(spec.name), config_hash())  # same shared config: reuse it
+        if base_id is None:
+            base_id = run_experiment(experiment(), run_name=f"{spec.name}-shared-{share}").run_id
+        else:
+            print(f"dlsm: reusing the shared {share} run {base_id}")
         timings["shared_stages_s"] = time.perf_counter() - t0
-        shared.append(f"experiment.stage1_run_id = '{base.run_id}'")
+        shared.append(f"experiment.stage1_run_id = '{base_id}'")
         if share == "stage2":
-            shared.append(f"experiment.stage2_run_id = '{base.run_id}'")
+            shared.append(f"experiment.stage2_run_id = '{base_id}'")
 
     import ray
     from ray import tune
@@ -257,6 +271,12 @@ def run_sweep(
             timings["tune_fit_s"] = time.perf_counter() - t0
             out = _collect(grid, settings)
             out.run_id = sweep_run_id
+            # Tune catches Ctrl-C itself and returns the partial grid: treat that as an interruption
+            stopped = [r for r in out.rows if r["status"] == "stopped early"]
+            if len(out.rows) < len(parsed) or (settings.scheduler == "grid" and stopped):
+                print(_table_text(out.rows, param, settings.metric))
+                raise KeyboardInterrupt
+            _close_stopped_runs(tracker, [r["run_id"] for r in out.rows if r["status"] == "stopped early"])
             ok = [r for r in out.rows if r["status"] == "ok" and math.isfinite(r["metric"])]
             if ok:
                 tracker.log_figure(_metric_plot(ok, param, settings.metric), "plots/metric_vs_value.png")
@@ -284,6 +304,40 @@ class _AllFailed(DlsmError):
         self.result = result
 
 
+def _finished_trial(experiment_name: str, sweep_run_id: str):
+    """This trial's run under the sweep if it already FINISHED (same gin configuration), else None."""
+    from dlsm.config import config_hash
+    from dlsm.pipeline import ExperimentResult
+    from dlsm.tracking import Tracker
+
+    tracker = Tracker(experiment_name)
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.`dlsm.config_hash` = '{config_hash()}' and tags.`mlflow.parentRunId` = "
+                      f"'{sweep_run_id}' and attributes.status = 'FINISHED'", max_results=1)
+    return ExperimentResult(runs[0].info.run_id, dict(runs[0].data.metrics)) if runs else None
+
+
+def _finished_run(tracker, chash: str) -> str | None:
+    """The latest FINISHED run of exactly this gin configuration, if any."""
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.`dlsm.config_hash` = '{chash}' and tags.`dlsm.kind` = 'parent' "
+                      "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _close_stopped_runs(tracker, run_ids: list[str]) -> None:
+    """A trial stopped by the scheduler dies with its MLflow runs still RUNNING: mark them KILLED."""
+    for run_id in filter(None, run_ids):
+        kids = tracker.client.search_runs([tracker.experiment_id],
+                                          filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+        for run in [tracker.client.get_run(run_id), *kids]:
+            if run.info.status in ("RUNNING", "FAILED"):
+                tracker.client.set_terminated(run.info.run_id, "KILLED")
+
+
 def _unfinished_sweep(tracker, sweep_name: str) -> str | None:
     runs = tracker.client.search_runs(
         [tracker.experiment_id], filter_string=f"tags.`dlsm.config_hash` = 'sweep:{sweep_name}'",
@@ -304,7 +358,7 @@ def _collect(grid, settings: SweepSettings) -> SweepResult:
                              "run_id": metrics.get("mlflow_run_id", "")})
             continue
         m = metrics.get(settings.metric, math.nan)
-        stopped = "mlflow_run_id" not in metrics  # ASHA stopped it before its final report
+        stopped = "trial_compute_s" not in metrics  # a scheduler stopped it before its final report
         out.rows.append({"value": value, "metric": float(m) if m is not None else math.nan,
                          "status": "stopped early" if stopped else "ok", "run_id": metrics.get("mlflow_run_id", ""),
                          "compute_s": metrics.get("trial_compute_s", math.nan),

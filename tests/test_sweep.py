@@ -104,3 +104,35 @@ def test_scripts_have_help(script):
     proc = subprocess.run([sys.executable, str(ROOT / "tune" / script), "--help"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert proc.returncode == 0 and "--address" in proc.stdout and "--values" in proc.stdout
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
+    import signal
+    import time
+
+    params = [*TINY, "classifier/train.n_iters = 300", "sweep.max_concurrent_trials = 1"]
+    cmd = [sys.executable, str(ROOT / "tune" / "sweep_lambda.py"), "--gin", str(ROOT / "gin" / "moons.gin")]
+    cmd += [x for p in params for x in ("--gin_param", p)] + ["--values", "0.01", "0.1", "1.0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for the first finished trial, then Ctrl-C
+        done = [p for p in (tmp_path / "ray_results").rglob("result.json") if p.stat().st_size > 0]
+        if done:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in err, err[-2000:]
+
+    again = sweep(tmp_path, "sweep_lambda.py", "--values", "0.01", "0.1", "1.0", "--resume", params=params)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing the shared stage1 run" in again.stdout
+    c = client(tmp_path)
+    exp = c.get_experiment_by_name("moons")
+    sweeps = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'sweep'")
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"  # the same sweep run, continued
+    trials = c.search_runs([exp.experiment_id],
+                           filter_string=f"tags.`mlflow.parentRunId` = '{sweeps[0].info.run_id}'")
+    assert sorted(t.data.params["macro.LAM"] for t in trials) == ["0.01", "0.1", "1.0"]  # none twice
+    assert all(t.info.status == "FINISHED" for t in trials)
