@@ -227,8 +227,14 @@ def run_sweep(
     tracker = Tracker(spec.name)
     t0 = time.perf_counter()
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env},
-                 log_to_driver=False, configure_logging=False)
+        address = address or os.environ["RAY_ADDRESS"]
+        local = address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost")
+        try:  # a cluster on loopback is joined from loopback (Ray would otherwise use this host's IP)
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False,
+                     **({"_node_ip_address": "127.0.0.1"} if local else {}))
+        except ConnectionError as err:
+            first = str(err).splitlines()[0]
+            raise ConfigError(f"--address {address}: cannot reach the Ray cluster ({first})") from None
     else:
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env},
                  log_to_driver=False, configure_logging=False)
