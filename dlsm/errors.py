@@ -28,3 +28,11 @@ class NonFiniteLossError(DlsmError):
     """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+def print_error(err: DlsmError) -> int:
+    """Print a user error as one line on stderr (``dlsm: error: ...``); returns its exit code."""
+    import sys
+
+    print(f"dlsm: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+    return err.exit_code

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dlsm.errors import DlsmError
+from dlsm.errors import DlsmError, print_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except DlsmError as err:
         if args.traceback:
             raise
-        print(f"dlsm: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return err.exit_code
+        return print_error(err)
     except KeyboardInterrupt:
         print("dlsm: interrupted; relaunch the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -34,7 +34,7 @@ from dlsm.scores import ModelScores, PosteriorSMScores
 from dlsm.tracking import Tracker
 from dlsm.training import load_ema_weights, train
 
-__all__ = ["ExperimentResult", "ExperimentSpec", "build_methods", "experiment", "run_experiment"]
+__all__ = ["ExperimentResult", "ExperimentSpec", "build_methods", "experiment", "method_key", "run_experiment"]
 
 STAGE1 = "stage1-score"
 
@@ -155,15 +155,16 @@ def build_methods(
     A non-empty ``shape`` is appended to every name (``base-mlp``).
     """
     if sampling_methods is None:
-        return {_join(m, shape): ModelScores(score_model, c, alpha=alpha) for m, c in classifiers.items()}
+        return {method_key(m, shape): ModelScores(score_model, c, alpha=alpha) for m, c in classifiers.items()}
     check_sampling_methods(sampling_methods, classifiers)
     return {
-        _join(name, shape): ModelScores(score_model, classifiers[loss], alpha=float(a))
+        method_key(name, shape): ModelScores(score_model, classifiers[loss], alpha=float(a))
         for name, (loss, a) in sampling_methods.items()
     }
 
 
-def _join(name: str, shape: str) -> str:
+def method_key(name: str, shape: str) -> str:
+    """A method's or classifier's name for one classifier shape: ``base-mlp`` (``base`` if unnamed)."""
     return f"{name}-{shape}" if shape else name
 
 
@@ -346,7 +347,7 @@ def run_experiment(
         runs: dict[str, list[str]] = {}  # "{loss}-{shape}" -> stage-2 run ids, one per seed
         for shape, make_classifier in spec.classifiers.items():
             for k, (loss_name, loss) in enumerate(spec.classifier_losses.items()):
-                key = _join(loss_name, shape)
+                key = method_key(loss_name, shape)
                 for rep in range(spec.stage2_seeds):
                     stage = f"stage2-{key}" + (f"-seed{rep}" if spec.stage2_seeds > 1 else "")
                     offset = 1000 * rep
@@ -372,9 +373,9 @@ def run_experiment(
             histories = {key: [_history(tracker, rid) for rid in ids] for key, ids in runs.items()}
             for shape in spec.classifiers:
                 fig = training_curves_figure({
-                    loss_name: histories[_join(loss_name, shape)] for loss_name in spec.classifier_losses
+                    loss_name: histories[method_key(loss_name, shape)] for loss_name in spec.classifier_losses
                 }, title=shape)
-                tracker.log_figure(fig, f"plots/{_join('training_curves', shape)}.png")
+                tracker.log_figure(fig, f"plots/{method_key('training_curves', shape)}.png")
 
         # -- sampling and evaluation ------------------------------------------------------------
         with tracker.stage(parent_id, "sampling"):
@@ -388,7 +389,7 @@ def run_experiment(
             oracle = OracleScores(data.x, data.y) if spec.oracle else None
             if oracle is not None:
                 methods["oracle"] = oracle
-            flat = {_join(n, shape): c for shape, per in classifiers.items() for n, c in per.items()}
+            flat = {method_key(n, shape): c for shape, per in classifiers.items() for n, c in per.items()}
             ev = Evaluation(data, schedule, methods, flat, oracle=oracle, seed=spec.seed + 31)
             for j, (m, scores) in enumerate(methods.items() if spec.sample else ()):
                 ev.samples[m] = {
@@ -406,7 +407,7 @@ def run_experiment(
                 fig_name = getattr(fig_fn, "__name__", "figure")
                 for shape in spec.classifiers:
                     tracker.log_figure(fig_fn(_shape_view(ev, shape, spec.classifiers)),
-                                       f"plots/{_join(fig_name, shape)}.png")
+                                       f"plots/{method_key(fig_name, shape)}.png")
             if any(curves.values()):
                 tracker.log_figure(loss_curves(curves, "stage 2: classifier losses"), "plots/stage2_losses.png")
             timings["time/sampling_s"] = time.perf_counter() - t0

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dlsm.errors import ConfigError, DlsmError
+from dlsm.errors import ConfigError, DlsmError, print_error
+from dlsm.pipeline import method_key
 from dlsm.plots import PAPER_LABELS, mean_and_ci, paper_order
 
 __all__ = ["main", "write_report"]
@@ -106,10 +107,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def _join(name: str, shape: str) -> str:
-    return f"{name}-{shape}" if shape else name
-
-
 def _sigmas(metrics: dict[str, float], stem: str) -> list[str]:
     found = {k.rsplit("/s", 1)[1] for k in metrics if f"/{stem}/s" in k}
     return sorted(found, key=float)
@@ -132,8 +129,8 @@ def _wall(run: _Run, label: str) -> list[str]:
 
 def _table1(run: _Run, shape: str, sigma: str) -> tuple[str, list[str]]:
     m = run.metrics
-    names = [n for n in ("base", "scaling", "ours") if f"{_join(n, shape)}/c0/recall" in m
-             or f"{_join(n, shape)}/c0/D_P/s{sigma}" in m]
+    names = [n for n in ("base", "scaling", "ours") if f"{method_key(n, shape)}/c0/recall" in m
+             or f"{method_key(n, shape)}/c0/D_P/s{sigma}" in m]
     names = paper_order(names + [n for n in ("posterior_sm", "oracle", "data") if f"{n}/c0/recall" in m
                                  or f"{n}/c0/D_P/s{sigma}" in m])
     cols = [("D_P", f"E[D_P] σ={sigma}"), ("D_L", f"E[D_L] σ={sigma}"), ("D_P_grid", "E[D_P] grid"),
@@ -141,7 +138,7 @@ def _table1(run: _Run, shape: str, sigma: str) -> tuple[str, list[str]]:
     header = ["method", "class"] + [c[1] for c in cols]
     rows = []
     for n in names:
-        key = n if n in ("posterior_sm", "oracle", "data") else _join(n, shape)
+        key = n if n in ("posterior_sm", "oracle", "data") else method_key(n, shape)
         for c in (0, 1):
             vals = []
             for stem, _ in cols:
@@ -156,10 +153,10 @@ def _per_sigma(run: _Run, shape: str, stem: str) -> str:
     m = run.metrics
     sigmas = _sigmas(m, stem)
     names = [n for n in paper_order(["base", "scaling", "ours", "posterior_sm"])
-             if f"{n if n == 'posterior_sm' else _join(n, shape)}/c0/{stem}/s{sigmas[0]}" in m] if sigmas else []
+             if f"{n if n == 'posterior_sm' else method_key(n, shape)}/c0/{stem}/s{sigmas[0]}" in m] if sigmas else []
     rows = []
     for n in names:
-        key = n if n == "posterior_sm" else _join(n, shape)
+        key = n if n == "posterior_sm" else method_key(n, shape)
         vals = [np.mean([m[f"{key}/c{c}/{stem}/s{s}"] for c in (0, 1)]) for s in sigmas]
         rows.append([PAPER_LABELS.get(n, n)] + [_fmt(v) for v in vals])
     return _table(["method"] + [f"σ={s}" for s in sigmas], rows)
@@ -172,7 +169,7 @@ def _ce_table(run: _Run, shape: str) -> str:
                      and k.split("/")[0].endswith(f"-{shape}" if shape else "")})
     rows = []
     for loss in losses:
-        key = _join(loss, shape)
+        key = method_key(loss, shape)
         if f"{key}/ce/s{sigmas[0]}" in m:
             rows.append([loss] + [f"{_fmt(m[f'{key}/ce/s{s}'])} / {_fmt(m.get(f'{key}/acc/s{s}'))}" for s in sigmas])
     return _table(["classifier loss"] + [f"CE / acc σ={s}" for s in sigmas], rows)
@@ -191,7 +188,7 @@ def _count(pairs: list[tuple[str, float, float]]) -> tuple[int, int, list[str]]:
 def _claims_table1(run: _Run) -> list[str]:
     m, out = run.metrics, []
     for shape in run.shapes():
-        ours, base, scaling = _join("ours", shape), _join("base", shape), _join("scaling", shape)
+        ours, base, scaling = method_key("ours", shape), method_key("base", shape), method_key("scaling", shape)
         for stem in ("D_L", "D_P"):
             pat = re.compile(rf"^{re.escape(ours)}/c\d/{stem}(_grid)?/s")
             pairs = [(k.removeprefix(f"{ours}/"), v, m[k.replace(ours, base, 1)]) for k, v in m.items() if pat.match(k)]
@@ -372,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--notes {args.notes}: no such file")
         path = write_report(args.table1, args.ablation, args.out, args.notes)
     except DlsmError as err:
-        print(f"dlsm: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return print_error(err)
     print(f"dlsm: wrote {path}")
     return 0
 

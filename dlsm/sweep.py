@@ -25,7 +25,7 @@ from pathlib import Path
 
 import gin
 
-from dlsm.errors import ConfigError, DlsmError
+from dlsm.errors import ConfigError, DlsmError, print_error
 
 __all__ = ["SweepResult", "SweepSettings", "local_ray_env", "run_sweep", "sweep"]
 
@@ -429,13 +429,11 @@ def main(argv: Sequence[str] | None = None, *, param: str | None = None, values:
                         storage=args.storage)
     except _AllFailed as err:
         print(_table_text(err.result.rows, args.param, sweep().metric))
-        print(f"dlsm: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return print_error(err)
     except DlsmError as err:
         if args.traceback:
             raise
-        print(f"dlsm: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return err.exit_code
+        return print_error(err)
     except KeyboardInterrupt:
         print("dlsm: interrupted; rerun with --resume to continue the sweep", file=sys.stderr)
         return 130
