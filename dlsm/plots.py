@@ -15,7 +15,7 @@ from scipy import stats  # noqa: E402
 
 from dlsm.metrics import Evaluation, grid_points  # noqa: E402
 
-__all__ = ["loss_curves", "mean_and_ci", "posterior_field_figure", "training_curves_figure"]
+__all__ = ["curve_band", "loss_curves", "mean_and_ci", "posterior_field_figure", "training_curves_figure"]
 
 CLASS_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 # the DLSM paper's labels for the moons methods (Figure 1 / Table 1 columns are ordered by them)
@@ -39,6 +39,16 @@ def mean_and_ci(runs: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.n
     return mean, stats.t.ppf((1 + level) / 2, n - 1) * runs.std(axis=0, ddof=1) / np.sqrt(n)
 
 
+def curve_band(
+    runs: list[list[tuple[int, float]]], level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, CI half-width) of one metric's (step, value) histories over runs, cut to the
+    shortest run so every step averages the same runs."""
+    n = min(len(h) for h in runs)
+    mean, half = mean_and_ci(np.array([[v for _, v in h[:n]] for h in runs]), level)
+    return np.array([s for s, _ in runs[0][:n]]), mean, half
+
+
 TRACK_LABELS = {"D_L": "likelihood-score error E[D_L], x~ ~ p(x~|y)", "D_L_grid": "likelihood-score error E[D_L], grid",
                 "ce": "cross-entropy"}
 
@@ -56,9 +66,7 @@ def training_curves_figure(
             hs = [h[key] for h in runs if key in h]
             if not hs:
                 continue
-            n = min(len(h) for h in hs)
-            steps = np.array([s for s, _ in hs[0][:n]])
-            mean, half = mean_and_ci(np.array([[v for _, v in h[:n]] for h in hs]))
+            steps, mean, half = curve_band(hs)
             (line,) = ax.plot(steps, mean, label=f"{loss_name} (n={len(hs)})")
             ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.25, lw=0)
         _, metric, sig = key.split("/")

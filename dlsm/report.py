@@ -26,7 +26,7 @@ import numpy as np
 
 from dlsm.errors import ConfigError, DlsmError, print_error
 from dlsm.pipeline import method_key
-from dlsm.plots import PAPER_LABELS, mean_and_ci, paper_order
+from dlsm.plots import PAPER_LABELS, curve_band, paper_order
 
 __all__ = ["main", "write_report"]
 
@@ -242,9 +242,7 @@ def _curves(run: _Run, shape: str, key: str) -> dict[str, tuple[np.ndarray, np.n
         hs = [h for h in hs if h]
         if not hs:
             continue
-        n = min(len(h) for h in hs)
-        mean, half = mean_and_ci(np.array([[v for _, v in h[:n]] for h in hs]))
-        out[loss] = (np.array([s for s, _ in hs[0][:n]]), mean, half, len(hs))
+        out[loss] = (*curve_band(hs), len(hs))
     return out
 
 
