@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
     "score/train.n_iters = 1000", "classifier/train.n_iters = 500", "NUM_SCALES = 20", "STEPS_PER_SCALE = 2",
-    "experiment.n_samples = 256", "score_error_metrics.n_points = 256", "classifier_metrics.n_points = 512",
+    "sample.n_per_class = 256", "score_error_metrics.n_points = 256", "classifier_metrics.n_points = 512",
     "sweep.cpus_per_trial = 1",
 ]
 
@@ -30,9 +30,8 @@ def main() -> None:
     p.add_argument("--gin_param", action="append", default=[])
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from dlsm.sweep import local_ray_env, run_sweep
+    from dlsm.sweep import run_sweep
 
-    os.environ.update(local_ray_env())
     os.environ["TQDM_DISABLE"] = "1"
     with tempfile.TemporaryDirectory(prefix="dlsm-bench-") as cwd:
         os.chdir(cwd)

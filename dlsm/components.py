@@ -2,13 +2,17 @@
 
 from dlsm import (  # noqa: F401
     data,
+    device,
+    experiment,
+    images,
     losses,
     metrics,
+    nets,
     networks,
-    pipeline,
     plots,
     samplers,
     schedules,
+    stages,
     sweep,
     training,
 )

@@ -1,12 +1,19 @@
-"""Datasets, held in memory as (x, y) tensors. Each loader is a gin configurable returning LabelledData."""
+"""Datasets, held in memory as (x, y) tensors. Each loader is a gin configurable returning LabelledData.
+
+LabelledData speaks the dataset protocol of :class:`dlsm.images.ImageData` (``len``, ``shape``, ``device``,
+``to``, ``subset``, ``batch``, ``decode``), so the trainer and the samplers treat points and images alike.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import gin
 import torch
+
+from dlsm.errors import ConfigError
 
 __all__ = ["LabelledData", "two_moons"]
 
@@ -25,8 +32,50 @@ class LabelledData:
     def dim(self) -> int:
         return int(self.x[0].numel())
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One example's shape, e.g. (2,) for points in the plane."""
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
     def of_class(self, c: int) -> torch.Tensor:
         return self.x[self.y == c]
+
+    def batch(
+        self,
+        idx: torch.Tensor | Sequence[int],
+        *,
+        flip: bool = False,
+        generator: torch.Generator | None = None,  # the protocol's; nothing random is drawn
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``idx`` as (x[idx], y[idx]), gathered on the data's device; no random numbers are drawn.
+
+        ``flip=True`` (a horizontal mirror, for images) has no meaning for points: a one-line ConfigError.
+        """
+        if flip:
+            raise ConfigError(f"train.flip = True but {self.name} holds {self.dim}-D points, not images, so there is "
+                              "nothing to mirror; set train.flip = False")
+        idx = torch.as_tensor(idx, device=self.device)
+        return self.x[idx], self.y[idx]
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> data space: the identity for points (the images' counterpart rounds to uint8)."""
+        return x
+
+    def subset(self, idx: torch.Tensor | Sequence[int]) -> LabelledData:
+        """The rows ``idx`` (indices or a boolean mask) as a new LabelledData with the same classes."""
+        idx = torch.as_tensor(idx, device=self.device)
+        return replace(self, x=self.x[idx], y=self.y[idx])
+
+    def to(self, device: torch.device | str) -> LabelledData:
+        """A copy whose points and labels live on ``device``."""
+        return replace(self, x=self.x.to(device), y=self.y.to(device))
 
 
 @gin.configurable

@@ -24,6 +24,10 @@ class CheckpointError(DlsmError):
     """A checkpoint is missing, unreadable or does not match the model."""
 
 
+class TrackingError(DlsmError):
+    """The MLflow tracking store (``MLFLOW_TRACKING_URI``) cannot be reached, created or written."""
+
+
 class NonFiniteLossError(DlsmError):
     """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
 

@@ -1,8 +1,9 @@
 """Command line: ``python -m dlsm.launch --gin FILE [--gin FILE ...] [--gin_param 'BINDING' ...]``.
 
-User errors (bad gin file or binding, wrong-typed value, missing data, bad checkpoint, NaN loss)
-print one line to stderr and exit non-zero. Ctrl-C keeps the last checkpoint: relaunch the same
-command to resume. ``--traceback`` shows the full traceback of a user error.
+User errors (bad gin file or binding, wrong-typed or out-of-range value, undefined or unused macro,
+missing data, unusable MLflow store or workdir, bad checkpoint, NaN loss) print one line to stderr
+and exit non-zero; all but the last two are found before anything trains. Ctrl-C keeps the last
+checkpoint: relaunch the same command to resume. ``--traceback`` shows the full traceback of a user error.
 """
 
 from __future__ import annotations
@@ -30,15 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         from dlsm import components  # noqa: F401  (registers every configurable)
-        from dlsm.config import parse_config
-        from dlsm.errors import ConfigError
-        from dlsm.pipeline import experiment, run_experiment
+        from dlsm.config import call_configurable, parse_config
+        from dlsm.experiment import experiment, run_experiment
 
-        parse_config(args.gin, args.gin_param)
-        try:
-            spec = experiment()
-        except RuntimeError as err:  # gin: a gin.REQUIRED binding is missing
-            raise ConfigError(str(err).strip().splitlines()[0]) from None
+        parse_config(args.gin, args.gin_param)  # types, ranges and macros checked here
+        spec = call_configurable(experiment)
+        # run_experiment checks the MLflow store, experiment.workdir and reused run ids before training
         results = run_experiment(spec, fresh=args.fresh).metrics
     except DlsmError as err:
         if args.traceback:

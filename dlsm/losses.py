@@ -14,6 +14,7 @@ import gin
 import torch
 from torch import nn
 
+from dlsm.config import constrain, finite_nonnegative
 from dlsm.scores import likelihood_score_and_logits
 
 __all__ = ["ce_loss", "dlsm_loss", "dsm_loss", "perturb", "sigma_weight", "total_loss"]
@@ -123,3 +124,6 @@ def total_loss(
     """L_Total(theta) = L_DLSM'(theta) + lambda L_CE(theta) (DLSM paper), one classifier forward pass."""
     sq, ce = _dlsm_terms(classifier, score_model, x, y, sigma, noise)
     return 0.5 * sigma_weight(sigma, weight_power) * sq + lam * sigma_weight(sigma, ce_weight_power) * ce
+
+
+constrain(total_loss, "lam", finite_nonnegative)  # lambda >= 0, checked when the gin config is parsed

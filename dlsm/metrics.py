@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dlsm.data import LabelledData
+from dlsm.errors import ConfigError
 from dlsm.oracle import OracleScores
 from dlsm.schedules import NoiseSchedule
 from dlsm.scores import ModelScores, PosteriorSMScores, likelihood_score
@@ -275,6 +276,10 @@ def sample_metrics(
 
 def _sample_scores(ev: Evaluation, prefix: str, real: torch.Tensor, samples: torch.Tensor, k: int,
                    n_projections: int) -> dict[str, float]:
+    if min(len(real), len(samples)) < k + 1:
+        raise ConfigError(f"sample_metrics.k = {k} needs at least {k + 1} points per class, got {len(samples)} "
+                          f"samples and {len(real)} data points; raise sample.n_per_class or lower k")
+    real, samples = real.reshape(len(real), -1), samples.reshape(len(samples), -1)  # images: pixel vectors
     p, r = precision_recall(real, samples, k=k)
     sw = sliced_wasserstein(real, samples, n_projections=n_projections, generator=ev.generator(303))
     return {f"{prefix}/precision": p, f"{prefix}/recall": r, f"{prefix}/sw1": sw}

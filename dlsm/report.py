@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dlsm.errors import ConfigError, DlsmError, print_error
-from dlsm.pipeline import method_key
+from dlsm.experiment import method_key
 from dlsm.plots import PAPER_LABELS, curve_band, paper_order
 
 __all__ = ["main", "write_report"]
@@ -35,7 +35,7 @@ SETTINGS = (
     "DLSM_WEIGHT", "BURN_IN", "SIGMA_DATA", "EVAL_SIGMAS", "N_SEEDS", "TRACK_SIGMAS",
     "schedule.sigma_max", "schedule.sigma_min", "schedule.num_scales", "schedule.eps", "schedule.n_steps_each",
     "experiment.classifier", "experiment.classifier_losses", "experiment.sampling_methods", "experiment.sampler",
-    "experiment.n_samples", "two_moons.n", "two_moons.scale", "dsm_loss.weight_power", "total_loss.lam",
+    "sample.n_per_class", "two_moons.n", "two_moons.scale", "dsm_loss.weight_power", "total_loss.lam",
     "total_loss.weight_power", "dlsm_loss.weight_power", "ce_loss.weight_power", "score/train.n_iters",
     "score/train.batch_size", "score/torch.optim.Adam.lr", "classifier/train.n_iters",
     "classifier/train.batch_size", "classifier/torch.optim.Adam.lr", "classifier/train.ema_decay",
@@ -288,7 +288,7 @@ def write_report(table1: str, ablation: str, out: Path, notes: Path | None = Non
     fig_dir = out.parent / out.stem
     if fig_dir.exists():
         shutil.rmtree(fig_dir)
-    sampling = t1.children["sampling"].info.run_id
+    figures_run = t1.children["figures"].info.run_id
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     import torch
 
@@ -330,13 +330,13 @@ def write_report(table1: str, ablation: str, out: Path, notes: Path | None = Non
     lines += ["## Figure 1", ""]
     for shape in t1.shapes():
         name = f"posterior_field_figure-{shape}.png" if shape else "posterior_field_figure.png"
-        if t1.copy_artifact(sampling, f"plots/{name}", fig_dir / f"figure1-{shape or 'classifier'}.png"):
+        if t1.copy_artifact(figures_run, f"plots/{name}", fig_dir / f"figure1-{shape or 'classifier'}.png"):
             lines += [f"Classifier shape `{shape}`; rows: posterior-score field of c1, of c2 (σ = 7.5), samples.", "",
                       f"![Figure 1, {shape}]({fig_dir.name}/figure1-{shape or 'classifier'}.png)", ""]
     lines += ["## Figure 5 (ablation: CE, DLSM' alone, Total)", "",
               "Curves are evaluated on the weights being trained (not the EMA) every "
               f"{ab.params.get('classifier/train.eval_every', '?')} steps; mean and 95 % Student-t interval over "
-              f"{ab.params.get('macro.N_SEEDS', ab.params.get('experiment.stage2_seeds', '?'))} seeds of stage 2 "
+              f"{ab.params.get('macro.N_SEEDS', ab.params.get('train_classifiers.seeds', '?'))} seeds of stage 2 "
               "(stage 1 is shared).", ""]
     for shape in ab.shapes():
         name = f"training_curves-{shape}.png" if shape else "training_curves.png"

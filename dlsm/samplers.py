@@ -2,7 +2,12 @@
 
 ``score_fn(x, sigma)`` may be a prior score model, a posterior (guided) score or an oracle;
 guidance is therefore available to every sampler. Nothing here touches global RNG state:
-all noise comes from ``generator``.
+all noise comes from ``generator``, a torch.Generator on x's device (see :func:`dlsm.device.make_generator`).
+
+Device discipline: the noise is drawn on x's device (float32, then cast to x's dtype, so that CPU runs give
+the numbers of a CPU float32 stream for every dtype); ``sigmas`` is copied to x's device once and the
+per-level scalars (step sizes, sigma_i^2) are read to the host once, so the loops themselves make no
+host-device synchronisation other than what ``score_fn`` does.
 """
 
 from __future__ import annotations
@@ -22,14 +27,29 @@ Callback = Callable[[dict], None]
 
 
 def prior_sample(
-    shape: tuple[int, ...], sigma_max: float, *, generator: torch.Generator | None = None
+    shape: tuple[int, ...],
+    sigma_max: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """x_0 ~ N(0, sigma_max^2 I), the VE prior (data are centred)."""
-    return sigma_max * torch.randn(shape, generator=generator)
+    """x_0 ~ N(0, sigma_max^2 I), the VE prior (data are centred), float32 on ``device``.
+
+    ``device`` defaults to the generator's device, else the CPU; ``generator`` must live on ``device``.
+    """
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    return sigma_max * torch.randn(shape, generator=generator, device=device)
 
 
-def _sigma_batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return sigma.to(x).expand(x.shape[0])
+def _levels(sigmas: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sigmas`` on x's device and dtype, and on the host: at most one copy each way, before the loop."""
+    return sigmas.to(x), sigmas.detach().cpu()
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """z ~ N(0, I) of x's shape, drawn on x's device in float32 and cast to x's dtype."""
+    return torch.randn(x.shape, generator=generator, device=x.device).to(x.dtype)
 
 
 @gin.configurable
@@ -55,17 +75,19 @@ def annealed_langevin(
     ``burn_in`` extra steps at sigma_1 come first, so that x starts from the sigma_max marginal
     p_sigma_1(x) rather than from the Gaussian prior.
     """
-    step_sizes = langevin_step_sizes(sigmas, eps)
-    for i in tqdm(range(len(sigmas)), desc="langevin", leave=False, disable=disable):
-        sigma = _sigma_batch(sigmas[i], x)
-        alpha = float(step_sizes[i])
+    levels, on_host = _levels(sigmas, x)
+    host, step_sizes = on_host.tolist(), langevin_step_sizes(on_host, eps).tolist()
+    n = x.shape[0]
+    for i in tqdm(range(len(host)), desc="langevin", leave=False, disable=disable):
+        sigma = levels[i].expand(n)
+        alpha = step_sizes[i]
         for _ in range(n_steps_each + (burn_in if i == 0 else 0)):
-            z = torch.randn(x.shape, generator=generator).to(x)
+            z = _noise(x, generator)
             x = x + alpha * score_fn(x, sigma) + (2.0 * alpha) ** 0.5 * z
         if callback is not None:
-            callback({"i": i, "sigma": float(sigmas[i]), "x": x})
+            callback({"i": i, "sigma": host[i], "x": x})
     if denoise:
-        x = x + sigmas[-1].item() ** 2 * score_fn(x, _sigma_batch(sigmas[-1], x))
+        x = x + host[-1] ** 2 * score_fn(x, levels[-1].expand(n))
     return x
 
 
@@ -92,21 +114,23 @@ def predictor_corrector(
     With ``denoise`` the last predictor adds no noise, i.e. returns x + sigma_L^2 s(x, sigma_L).
     ``burn_in`` extra corrector steps at sigma_1 come first (start from the sigma_max marginal).
     """
-    n = len(sigmas)
+    levels, on_host = _levels(sigmas, x)
+    host = on_host.tolist()
+    n = len(host)
     for i in tqdm(range(n), desc="pc", leave=False, disable=disable):
-        sigma = _sigma_batch(sigmas[i], x)
+        sigma = levels[i].expand(x.shape[0])
         for _ in range(n_corrector_steps + (burn_in if i == 0 else 0)):
             score = score_fn(x, sigma)
-            z = torch.randn(x.shape, generator=generator).to(x)
+            z = _noise(x, generator)
             score_norm = score.reshape(x.shape[0], -1).norm(dim=1).mean()
             noise_norm = z.reshape(x.shape[0], -1).norm(dim=1).mean()
-            step = 2.0 * (snr * noise_norm / score_norm.clamp_min(1e-12)) ** 2
+            step = 2.0 * (snr * noise_norm / score_norm.clamp_min(1e-12)) ** 2  # a tensor on x's device: no sync
             x = x + step * score + (2.0 * step).sqrt() * z
-        next_sigma2 = float(sigmas[i + 1]) ** 2 if i + 1 < n else 0.0
-        var = float(sigmas[i]) ** 2 - next_sigma2
+        next_sigma2 = host[i + 1] ** 2 if i + 1 < n else 0.0
+        var = host[i] ** 2 - next_sigma2
         x = x + var * score_fn(x, sigma)
         if i + 1 < n or not denoise:
-            x = x + var**0.5 * torch.randn(x.shape, generator=generator).to(x)
+            x = x + var**0.5 * _noise(x, generator)
         if callback is not None:
-            callback({"i": i, "sigma": float(sigmas[i]), "x": x})
+            callback({"i": i, "sigma": host[i], "x": x})
     return x

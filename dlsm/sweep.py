@@ -25,9 +25,10 @@ from pathlib import Path
 
 import gin
 
+from dlsm.cluster import connect, preflight
 from dlsm.errors import ConfigError, DlsmError, print_error
 
-__all__ = ["SweepResult", "SweepSettings", "local_ray_env", "run_sweep", "sweep"]
+__all__ = ["SweepResult", "SweepSettings", "run_sweep", "sweep"]
 
 SHARE = ("stage1", "stage2", "none")
 
@@ -43,6 +44,7 @@ class SweepSettings:
     max_concurrent_trials: int
     grace_period: int
     report_every: int
+    dashboard: bool = False
 
 
 @gin.configurable
@@ -57,6 +59,7 @@ def sweep(
     max_concurrent_trials: int = 0,
     grace_period: int = 4,
     report_every: int = 1,
+    dashboard: bool = False,
 ) -> SweepSettings:
     """Sweep settings. ``metric`` is a final metric of the trial's experiment, averaged over classes
     when it has no ``/c{k}/`` part (``total/D_L_grid/s7.5`` is the mean of ``total/c*/D_L_grid/s7.5``),
@@ -65,7 +68,8 @@ def sweep(
     ``'asha'`` stops the worst trials early at rungs of ``grace_period`` reports (give it a training
     metric). ``gpus_per_trial`` applies only where the cluster has GPUs (fractions such as 0.25 pack
     small trials onto one GPU); elsewhere trials take ``cpus_per_trial`` CPUs. A failed trial is
-    retried ``max_failures`` times. ``max_concurrent_trials = 0`` lets Ray decide."""
+    retried ``max_failures`` times. ``max_concurrent_trials = 0`` lets Ray decide. ``dashboard = True``
+    starts Ray's dashboard (on 127.0.0.1) with a Ray the sweep starts itself; see :mod:`dlsm.cluster`."""
     if mode not in ("min", "max"):
         raise ConfigError(f"sweep.mode must be 'min' or 'max', got {mode!r}")
     if scheduler not in ("grid", "asha"):
@@ -76,16 +80,7 @@ def sweep(
         raise ConfigError("sweep.max_failures and max_concurrent_trials must be >= 0, grace_period and "
                           "report_every >= 1")
     return SweepSettings(metric, mode, scheduler, float(gpus_per_trial), float(cpus_per_trial), max_failures,
-                         max_concurrent_trials, grace_period, report_every)
-
-
-def local_ray_env() -> dict[str, str]:
-    """Environment that keeps a project-started Ray on this machine: no usage stats (whose start-up
-    probes cloud-metadata addresses and the internet) and no dashboard."""
-    return {
-        "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-    }
+                         max_concurrent_trials, grace_period, report_every, bool(dashboard))
 
 
 def _format_value(v: str) -> object:
@@ -124,7 +119,7 @@ def _trial(trial_config: dict, setup: dict) -> None:
 
     from dlsm import components  # noqa: F401
     from dlsm.config import parse_config
-    from dlsm.pipeline import experiment, run_experiment
+    from dlsm.experiment import experiment, run_experiment
 
     gin.clear_config()
     value = config["value"]
@@ -156,12 +151,24 @@ def _trial(trial_config: dict, setup: dict) -> None:
     else:
         result = run_experiment(spec, parent_run_id=config["sweep_run_id"], run_name=f"{config['param']}={value}",
                                 on_metrics=on_metrics)
+    _tag_cluster(result.run_id)
     score = class_mean(result.metrics, metric)
     if score is None:  # a training metric: its last value
         score = count["last"]
     # only the sweep's own columns go to Tune; every metric of the trial is in its MLflow run
     tune.report({metric: score if score is not None else math.nan, "value": value,
                  "trial_compute_s": time.perf_counter() - t0, "mlflow_run_id": result.run_id})
+
+
+def _tag_cluster(run_id: str) -> None:
+    """Record on the trial's MLflow run which Ray cluster (GCS address) and node ran it."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    ctx = ray.get_runtime_context()
+    client = MlflowClient()
+    client.set_tag(run_id, "dlsm.ray_cluster", ctx.gcs_address)
+    client.set_tag(run_id, "dlsm.ray_node", ctx.get_node_id())
 
 
 @dataclass
@@ -188,21 +195,46 @@ def run_sweep(
         raise ConfigError(f"--share must be one of {SHARE}, got {share!r}")
     if not values:
         raise ConfigError("give at least one value to sweep (--values)")
+    import re
+
     from dlsm import components  # noqa: F401
-    from dlsm.config import config_hash, parse_config
-    from dlsm.pipeline import experiment, run_experiment
-    from dlsm.tracking import Tracker, default_tracking_uri
+    from dlsm.config import call_configurable, config_hash, parse_config
+    from dlsm.experiment import check_workdir, experiment, run_experiment
+    from dlsm.tracking import Tracker, check_tracking_uri, default_tracking_uri
 
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     parsed = [_format_value(v) for v in values]
-    parse_config(list(gin_files), [*gin_params, _binding(param, parsed[0])])  # validates files, bindings, value
-    settings = sweep()
-    spec = experiment()
+    # -- every swept value is checked (types, ranges, experiment(), sweep()) before anything trains --
+    again = [raw for i, (raw, v) in enumerate(zip(values, parsed, strict=True)) if v in parsed[:i]]
+    if again:
+        raise ConfigError(f"--values: {again[0]} is given twice; each value is one trial")
+    parse_config(list(gin_files), list(gin_params), check=False)  # the files and bindings themselves
+    labels = [f"--gin_param {b!r}" for b in gin_params]
+    for raw, v in reversed(list(zip(values, parsed, strict=True))):  # the first value is parsed last, and kept
+        try:
+            parse_config(list(gin_files), [*gin_params, _binding(param, v)],
+                         labels=[*labels, f"--param {param} --values {raw}"])
+            settings = call_configurable(sweep)
+            spec = call_configurable(experiment)
+        except ConfigError as err:
+            about_value = re.search(rf"(?<![\w/.%]){re.escape(param)}(?!\w)", str(err))
+            if str(err).startswith("--param") or not about_value:
+                raise
+            raise ConfigError(f"--values {raw}: {err}") from None
+    check_tracking_uri()  # an unusable MLflow store fails now, in one line
+    check_workdir(spec.workdir)
+    for key, source in (("experiment.stage1_run_id", spec.stage1_run_id),
+                        ("experiment.stage2_run_id", spec.stage2_run_id)):
+        if source:
+            Tracker(spec.name).check_source_run(source, key)
     cwd = Path.cwd()
-    env = {**local_ray_env(), "MLFLOW_TRACKING_URI": default_tracking_uri()}
-    os.environ.update(env)
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_TRACKING_URI": default_tracking_uri()}  # for the trials
     sweep_name = f"{spec.name}-sweep-{param.replace('/', '_').replace('.', '_')}"
+    if resume and _unfinished_sweep(Tracker(spec.name), sweep_name) is None:
+        raise ConfigError(f"--resume: no interrupted sweep {sweep_name} in {default_tracking_uri()}; "
+                          "run without --resume to start it")
+    preflight(address, dashboard=settings.dashboard)  # a bad cluster or token fails now, not after stage 1
 
     # -- shared stages, trained once in the driver ---------------------------------------------
     shared: list[str] = []
@@ -220,24 +252,17 @@ def run_sweep(
         if share == "stage2":
             shared.append(f"experiment.stage2_run_id = '{base_id}'")
 
+    tracker = Tracker(spec.name)
+    t0 = time.perf_counter()
+    conn = connect(address, dashboard=settings.dashboard, extra_env=env)  # env first: Ray reads it at import
+    if conn.dashboard_url:
+        print(f"dlsm: Ray dashboard at http://{conn.dashboard_url}")
+    env = {**conn.env, **env}
+
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    tracker = Tracker(spec.name)
-    t0 = time.perf_counter()
-    if address or os.environ.get("RAY_ADDRESS"):
-        address = address or os.environ["RAY_ADDRESS"]
-        local = address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost")
-        try:  # a cluster on loopback is joined from loopback (Ray would otherwise use this host's IP)
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False,
-                     **({"_node_ip_address": "127.0.0.1"} if local else {}))
-        except ConnectionError as err:
-            first = str(err).splitlines()[0]
-            raise ConfigError(f"--address {address}: cannot reach the Ray cluster ({first})") from None
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env},
-                 log_to_driver=False, configure_logging=False)
     timings["ray_init_s"] = time.perf_counter() - t0
     try:
         gpus = ray.cluster_resources().get("GPU", 0.0)
@@ -313,7 +338,7 @@ class _AllFailed(DlsmError):
 def _finished_trial(experiment_name: str, sweep_run_id: str):
     """This trial's run under the sweep if it already FINISHED (same gin configuration), else None."""
     from dlsm.config import config_hash
-    from dlsm.pipeline import ExperimentResult
+    from dlsm.experiment import ExperimentResult
     from dlsm.tracking import Tracker
 
     tracker = Tracker(experiment_name)
@@ -407,7 +432,8 @@ def main(argv: Sequence[str] | None = None, *, param: str | None = None, values:
     import sys
 
     p = argparse.ArgumentParser(prog=f"python {prog}", description=__doc__.splitlines()[0])
-    p.add_argument("--gin", action="append", default=[], metavar="FILE", help="gin file (default gin/moons.gin)")
+    p.add_argument("--gin", action="append", default=[], metavar="FILE",
+                   help="gin file, relative to the current folder (default: the project's gin/moons.gin)")
     p.add_argument("--gin_param", action="append", default=[], metavar="BINDING", help="a gin binding (repeatable)")
     p.add_argument("--param", default=param, required=param is None,
                    help="the binding to sweep (a %%MACRO or configurable.parameter)"
@@ -421,10 +447,11 @@ def main(argv: Sequence[str] | None = None, *, param: str | None = None, values:
     p.add_argument("--storage", default="ray_results", help="Ray Tune's results folder (default ./ray_results)")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors")
     args = p.parse_args(argv)
-    for k, v in local_ray_env().items():
-        os.environ.setdefault(k, v)
+    from dlsm.config import GIN_DIR
+
+    default_gin = [str(GIN_DIR / "moons.gin")]  # found wherever the script runs from
     try:
-        res = run_sweep(args.gin or ["gin/moons.gin"], [*default_params, *args.gin_param], param=args.param,
+        res = run_sweep(args.gin or default_gin, [*default_params, *args.gin_param], param=args.param,
                         values=args.values, share=args.share, address=args.address, resume=args.resume,
                         storage=args.storage)
     except _AllFailed as err:

@@ -4,13 +4,20 @@ One ``train`` configurable serves both stages through gin scopes (``score/train.
 ``classifier/train.n_iters``). The loss is a closure ``loss_fn(model, x, y, sigma, noise)``
 returning a per-example loss; the trainer draws the batch, sigma and noise from its own generator,
 whose state is checkpointed, so an interrupted run resumes on the same random stream.
+
+Everything of one run lives on one device (``train.device``): the model, the data, the generator and
+every random number; on the CPU the streams are those of ``torch.Generator().manual_seed(seed)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,17 +28,74 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from dlsm.data import LabelledData
+from dlsm.device import make_generator, resolve_device
 from dlsm.errors import CheckpointError, ConfigError, NonFiniteLossError
-from dlsm.schedules import NoiseSchedule, log_uniform_sigmas
+from dlsm.schedules import NoiseSchedule
 
-__all__ = ["TrainResult", "ema_model", "load_checkpoint", "save_checkpoint", "train"]
+__all__ = [
+    "TrainResult",
+    "draw_sigmas",
+    "ema_model",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train",
+    "warmup_factor",
+]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 LogFn = Callable[[dict[str, float], int], None]
+SnapshotFn = Callable[[nn.Module, int], None]
 
 gin.external_configurable(torch.optim.Adam, module="torch.optim")
 gin.external_configurable(torch.optim.AdamW, module="torch.optim")
 gin.external_configurable(torch.optim.SGD, module="torch.optim")
+
+
+_SIGMA_DISTRIBUTIONS = ("log_uniform", "discrete")
+
+
+def _sigma_sampler(
+    schedule: NoiseSchedule, distribution: str, device: torch.device
+) -> Callable[[int, torch.Generator | None], torch.Tensor]:
+    """``draw(n, generator)`` for :func:`draw_sigmas`, with the schedule's numbers read or copied to ``device`` once."""
+    if distribution == "log_uniform":
+        lo, hi = math.log(schedule.sigma_min), math.log(schedule.sigma_max)
+
+        def draw(n: int, generator: torch.Generator | None) -> torch.Tensor:
+            # dlsm.schedules.log_uniform_sigmas' formula, with u drawn on ``device``
+            u = torch.rand(n, generator=generator, device=device)
+            return torch.exp(lo + u * (hi - lo))
+
+        return draw
+    if distribution == "discrete":
+        levels = schedule.sigmas.to(device)
+
+        def draw(n: int, generator: torch.Generator | None) -> torch.Tensor:
+            return levels[torch.randint(0, len(levels), (n,), generator=generator, device=device)]
+
+        return draw
+    raise ConfigError(f"train.sigma_distribution must be 'log_uniform' or 'discrete', got {distribution!r}")
+
+
+def draw_sigmas(
+    n: int,
+    schedule: NoiseSchedule,
+    distribution: str,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Training noise levels for one minibatch, shape (n,), drawn from ``generator`` on ``device``.
+
+    ``'log_uniform'``: log sigma ~ U(log sigma_min, log sigma_max), continuous (the formula of
+    :func:`dlsm.schedules.log_uniform_sigmas`, whose numbers it reproduces on the CPU).
+    ``'discrete'``: sigma uniform over all L levels of ``schedule.sigmas``, sigma_1 (largest) to sigma_L
+    (smallest) inclusive, as in NCSN/NCSNv2 training (``labels = torch.randint(0, len(sigmas), ...)``).
+    ``device`` defaults to the generator's device, else the CPU.
+    """
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    return _sigma_sampler(schedule, distribution, torch.device(device))(n, generator)
 
 
 def ema_model(model: nn.Module, decay: float) -> AveragedModel:
@@ -93,8 +157,79 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def _check_count(name: str, value: object, off: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"train.{name} must be a non-negative integer (0 = {off}), got {value!r}")
+    return value
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"train.{name} must be True or False, got {value!r}")
+    return value
+
+
+def warmup_factor(step: int, warmup: int) -> float:
+    """Linear learning-rate warm-up: the update with 0-based index ``step`` uses lr * min(1, (step + 1) / warmup).
+
+    After score_sde's ``losses.optimization_manager`` (Song et al., 2021), which sets
+    ``lr * np.minimum(step / warmup, 1.0)`` with step counted from 0, so that its first update has lr = 0;
+    here the first update has lr / warmup and the full lr is reached at step ``warmup - 1`` (one step earlier).
+    ``warmup = 0`` means no warm-up (factor 1).
+    """
+    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+
+
+def _restore_generator(gen: torch.Generator, state: dict, path: Path) -> None:
+    try:
+        gen.set_state(state["generator"])
+    except (RuntimeError, TypeError, ValueError):
+        was = state.get("device", "cpu")  # checkpoints written before train.device existed were all CPU runs
+        raise CheckpointError(
+            f"checkpoint {path} holds the random-number state of a {was} run, which a {gen.device.type} "
+            f"generator cannot continue; set train.device to {was!r} to resume it, or relaunch with --fresh"
+        ) from None
+
+
+def _compile(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)``: shares the parameters; only the loss calls it (checkpoints, EMA and eval_fn use
+    ``model`` itself)."""
+    try:
+        return torch.compile(model)
+    except Exception as err:  # e.g. an unsupported Python version
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(f"train.compile = True but torch.compile is unusable here ({type(err).__name__}: "
+                          f"{first}); set train.compile = False") from None
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C during a training step (or an MLflow write) is acted on between steps: yields a function
+    telling whether one came. A second Ctrl-C interrupts at once. Only in the main thread (elsewhere,
+    e.g. in a Ray trial, signals are not delivered to this code and nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hits: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):  # noqa: ARG001
+        hits.append(signum)
+        if len(hits) > 1:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @gin.configurable(
-    denylist=["model", "loss_fn", "data", "schedule", "ckpt_path", "log_fn", "seed", "stage", "eval_fn"]
+    denylist=[
+        "model", "loss_fn", "data", "schedule", "ckpt_path", "log_fn", "seed", "stage", "eval_fn", "snapshot_fn"
+    ]
 )
 def train(
     model: nn.Module,
@@ -117,6 +252,13 @@ def train(
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     eval_every: int = 100,
     disable_progress: bool | None = None,
+    device: str | torch.device = "cpu",
+    warmup: int = 0,
+    autocast: bool = False,
+    compile: bool = False,  # shadows the builtin: the gin binding is train.compile
+    flip: bool = False,
+    snapshot_every: int = 0,
+    snapshot_fn: SnapshotFn | None = None,
 ) -> TrainResult:
     """Minimise mean(loss_fn(model, x, y, sigma, noise)) over minibatches; resume from ``ckpt_path``.
 
@@ -125,29 +267,72 @@ def train(
     A NaN/Inf loss stops training with NonFiniteLossError; the last good checkpoint is left in place.
     ``eval_fn(model)`` (if given) runs at step 0 and every ``eval_every`` steps on the weights being
     trained (not the EMA), in eval mode; its metrics go to ``log_fn`` at that step (training curves).
+
+    ``device`` ('cpu', 'cuda', 'cuda:N' or 'auto', see :func:`dlsm.device.resolve_device`): the model, the data
+    (moved there whole with ``data.to``), the generator and every random number live there; the default 'cpu'
+    keeps the CPU streams of earlier versions, and the pipeline passes the experiment's resolved device.
+    Per step the generator draws, in order: the batch indices (on the data's device), the flip coins (only
+    with ``flip``), sigma, then the noise. Data with a ``batch(idx, *, flip, generator)`` method
+    (:class:`dlsm.data.LabelledData`, :class:`dlsm.images.ImageData`) are read through it, others as
+    ``data.x[idx], data.y[idx]``; for LabelledData both give the same numbers.
+    ``warmup``: the update with 0-based index k uses lr * min(1, (k + 1) / warmup) (:func:`warmup_factor`); the
+    base learning rates are checkpointed, so a resumed run continues the schedule. ``grad_clip``: max global
+    gradient norm. ``autocast``: the loss runs under ``torch.autocast(device, torch.bfloat16)`` and is averaged
+    in float32. ``compile``: the loss calls ``torch.compile(model)`` (same parameters). ``flip``: mirror each
+    image horizontally with probability 1/2 (ImageData only; points raise a ConfigError).
+    ``snapshot_fn(ema_module, step)`` (not gin-bound; the pipeline's sample grid) is called, with the EMA module
+    in eval mode, after every ``snapshot_every``-th step; ``snapshot_every = 0`` or no ``snapshot_fn``: never.
     """
     n_iters = _check_positive_int("n_iters", n_iters)
     batch_size = _check_positive_int("batch_size", batch_size)
     ckpt_every = _check_positive_int("ckpt_every", ckpt_every)
     log_every = _check_positive_int("log_every", log_every)
     eval_every = _check_positive_int("eval_every", eval_every)
-    if sigma_distribution not in ("log_uniform", "discrete"):
+    warmup = _check_count("warmup", warmup, "no warm-up")
+    snapshot_every = _check_count("snapshot_every", snapshot_every, "no snapshots")
+    autocast, compile, flip = (_check_bool(k, v) for k, v in (("autocast", autocast), ("compile", compile),
+                                                                ("flip", flip)))
+    if sigma_distribution not in _SIGMA_DISTRIBUTIONS:
         raise ConfigError(f"train.sigma_distribution must be 'log_uniform' or 'discrete', got {sigma_distribution!r}")
     if not 0.0 <= ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {ema_decay!r}")
+    dev = resolve_device(device)
+
+    batched = callable(getattr(data, "batch", None))
+    if batched:
+        if data.device != dev:
+            data = data.to(dev)
+        if flip:  # a dataset that cannot flip says so now, not at the first step; draws nothing from the stream
+            data.batch(torch.zeros(0, dtype=torch.long, device=dev), flip=True, generator=torch.Generator(dev))
+        n_data = len(data)
+    else:
+        if flip:
+            raise ConfigError(f"train.flip = True but the {stage} data ({type(data).__name__}) have no batch(idx, "
+                              "flip=...) method to mirror images with; set train.flip = False")
+        x_all, y_all = data.x.to(dev), data.y.to(dev)
+        n_data = x_all.shape[0]
+    if batch_size > n_data:
+        raise ConfigError(f"{stage}: train.batch_size = {batch_size} is larger than the data ({n_data} examples); "
+                          "lower the batch size in this stage's scope")
+    model.to(dev)
+    net = _compile(model) if compile else model
+    draw_sigma = _sigma_sampler(schedule, sigma_distribution, dev)
 
     ckpt_path = Path(ckpt_path)
     opt = optimizer(model.parameters())
+    base_lrs = [float(g["lr"]) for g in opt.param_groups]
     ema = ema_model(model, ema_decay)
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(seed, dev)
     step = 0
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         _load_into(model, state["model"], ckpt_path, f"{stage} model")
         _load_into(ema, state["ema"], ckpt_path, f"{stage} EMA model")
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
+        _restore_generator(gen, state, ckpt_path)
         step = int(state["step"])
+        # checkpoints from before train.warmup hold no base rates: their optimizer's rates are the base rates
+        base_lrs = list(state.get("base_lrs") or [float(g["lr"]) for g in opt.param_groups])
 
     def checkpoint() -> None:
         save_checkpoint(
@@ -158,14 +343,15 @@ def train(
                 "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(),
                 "generator": gen.get_state(),
+                "device": dev.type,
+                "base_lrs": base_lrs,
+                "warmup": warmup,
             },
         )
 
-    x_all, y_all = data.x, data.y
-    sigmas = schedule.sigmas
     losses: list[tuple[int, float]] = []
-    running, count = torch.zeros(()), 0
-    bad = torch.zeros((), dtype=torch.bool)
+    running, count = torch.zeros((), device=dev), 0
+    bad = torch.zeros((), dtype=torch.bool, device=dev)
     def evaluate() -> None:
         if eval_fn is None:
             return
@@ -175,56 +361,85 @@ def train(
         if log_fn is not None:
             log_fn(metrics, step)
 
+    def snapshot() -> None:
+        module = ema.module
+        was_training = module.training
+        module.eval()
+        snapshot_fn(module, step)
+        module.train(was_training)
+
+    def compute_loss(x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        try:
+            with amp:
+                per_example = loss_fn(net, x, y, sigma, noise)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            if not compile:
+                raise
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ConfigError(f"train.compile = True but torch.compile failed on the {stage} model on {dev} "
+                              f"({type(err).__name__}: {first}); set train.compile = False") from None
+        return per_example.float().mean() if autocast else per_example.mean()
+
     model.train()
     if step == 0:
         evaluate()
     bar = tqdm(total=n_iters, initial=step, desc=stage, disable=disable_progress, leave=False)
-    while step < n_iters:
-        idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen)
-        x, y = x_all[idx], y_all[idx]
-        if sigma_distribution == "log_uniform":
-            sigma = log_uniform_sigmas(batch_size, schedule.sigma_min, schedule.sigma_max, generator=gen)
-        else:
-            sigma = sigmas[torch.randint(0, len(sigmas), (batch_size,), generator=gen)]
-        noise = torch.randn(x.shape, generator=gen)
-        loss = loss_fn(model, x, y, sigma, noise).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        bad |= ~torch.isfinite(loss.detach())
-        opt.step()
-        ema.update_parameters(model)
-        running += loss.detach()
-        count += 1
-        step += 1
-        bar.update(1)
-        at_log, at_ckpt = step % log_every == 0 or step == n_iters, step % ckpt_every == 0 or step == n_iters
-        if at_log or at_ckpt:
-            if bool(bad):
+    with deferred_interrupt() as interrupted:
+        while step < n_iters:
+            idx = torch.randint(0, n_data, (batch_size,), generator=gen, device=dev)
+            x, y = data.batch(idx, flip=flip, generator=gen) if batched else (x_all[idx], y_all[idx])
+            sigma = draw_sigma(batch_size, gen)
+            noise = torch.randn(x.shape, generator=gen, device=dev)
+            loss = compute_loss(x, y, sigma, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            bad |= ~torch.isfinite(loss.detach())
+            if warmup:
+                factor = warmup_factor(step, warmup)
+                for group, base in zip(opt.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * factor
+            opt.step()
+            ema.update_parameters(model)
+            running += loss.detach()
+            count += 1
+            step += 1
+            bar.update(1)
+            at_log, at_ckpt = step % log_every == 0 or step == n_iters, step % ckpt_every == 0 or step == n_iters
+            if at_log or at_ckpt:
+                if bool(bad):
+                    bar.close()
+                    last = (step - 1) // ckpt_every * ckpt_every
+                    kept = (
+                        f"last good checkpoint (step {last}) kept at {ckpt_path}"
+                        if ckpt_path.exists()
+                        else "no checkpoint was written"
+                    )
+                    raise NonFiniteLossError(
+                        f"{stage}: the loss became NaN or Inf by step {step}; {kept}; "
+                        "lower the learning rate or set train.grad_clip"
+                    )
+            if at_log:
+                mean = float(running) / count
+                running.zero_()
+                count = 0
+                losses.append((step, mean))
+                bar.set_postfix(loss=f"{mean:.4g}")
+                if log_fn is not None:
+                    log_fn({f"{stage}/loss": mean}, step)
+            if at_ckpt:
+                checkpoint()
+            if step % eval_every == 0 or step == n_iters:
+                evaluate()
+            if snapshot_fn is not None and snapshot_every and step % snapshot_every == 0:
+                snapshot()
+            if interrupted():  # keep this step's work; stop where the MLflow run can be closed cleanly
                 bar.close()
-                last = (step - 1) // ckpt_every * ckpt_every
-                kept = (
-                    f"last good checkpoint (step {last}) kept at {ckpt_path}"
-                    if ckpt_path.exists()
-                    else "no checkpoint was written"
-                )
-                raise NonFiniteLossError(
-                    f"{stage}: the loss became NaN or Inf by step {step}; {kept}; "
-                    "lower the learning rate or set train.grad_clip"
-                )
-        if at_log:
-            mean = float(running) / count
-            running.zero_()
-            count = 0
-            losses.append((step, mean))
-            bar.set_postfix(loss=f"{mean:.4g}")
-            if log_fn is not None:
-                log_fn({f"{stage}/loss": mean}, step)
-        if at_ckpt:
-            checkpoint()
-        if step % eval_every == 0 or step == n_iters:
-            evaluate()
+                if not bool(bad):
+                    checkpoint()
+                raise KeyboardInterrupt
     bar.close()
     model.eval()
     ema.module.eval()

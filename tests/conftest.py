@@ -21,3 +21,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """In-process tests must not leak environment into later subprocess tests: MLflow's
+    ``set_tracking_uri`` / ``set_experiment`` export MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)

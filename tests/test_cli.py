@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ TINY = [
     "classifier/train.ckpt_every = 20",
     "NUM_SCALES = 8",
     "STEPS_PER_SCALE = 2",
-    "experiment.n_samples = 64",
+    "sample.n_per_class = 64",
     "two_moons.n = 400",
     "score_error_metrics.n_points = 64",
     "classifier_metrics.n_points = 64",
@@ -96,7 +97,7 @@ def test_tiny_moons_run_logs_parent_and_children(tiny_run):
     (parent,) = parents(c)
     assert parent.info.status == "FINISHED"
     kids = runs_by_stage(c, parent.info.run_id)
-    assert set(kids) == {"stage1-score", "stage2-ce", "stage2-total", "sampling"}
+    assert set(kids) == {"stage1-score", "stage2-ce", "stage2-total", "sampling", "evaluation", "figures"}
     assert all(k.info.status == "FINISHED" for k in kids.values())
 
     # params: the gin bindings (with macros resolved by name) and the resolved schedule
@@ -106,12 +107,12 @@ def test_tiny_moons_run_logs_parent_and_children(tiny_run):
     assert float(p["schedule.num_scales"]) == 8
     assert kids["stage2-total"].data.params["method"] == "total"
 
-    # metrics: per-step losses in the stage runs, finite final metrics in parent and sampling run
+    # metrics: per-step losses in the stage runs, finite final metrics in parent and evaluation run
     hist = c.get_metric_history(kids["stage1-score"].info.run_id, "score/loss")
     assert [m.step for m in hist] == [20, 40, 60]
     assert all(math.isfinite(m.value) for m in hist)
     assert len(c.get_metric_history(kids["stage2-total"].info.run_id, "total/loss")) == 2
-    final = kids["sampling"].data.metrics
+    final = kids["evaluation"].data.metrics
     for key in ("ce/c0/D_P/s7.5", "total/c1/D_L/s0.5", "oracle/c0/precision", "total/c1/recall",
                 "ce/acc/s2", "total/c0/sw1"):
         assert math.isfinite(final[key]), key
@@ -121,7 +122,8 @@ def test_tiny_moons_run_logs_parent_and_children(tiny_run):
     assert "checkpoints/score.pt" in artifact_paths(c, kids["stage1-score"].info.run_id)
     assert "checkpoints/classifier-total.pt" in artifact_paths(c, kids["stage2-total"].info.run_id)
     sampling = artifact_paths(c, kids["sampling"].info.run_id)
-    assert {"samples/samples-ce.npz", "samples/samples-oracle.npz", "plots/posterior_field_figure.png"} <= sampling
+    assert {"samples/samples-ce.npz", "samples/samples-oracle.npz"} <= sampling
+    assert "plots/posterior_field_figure.png" in artifact_paths(c, kids["figures"].info.run_id)
     assert {"config/config.gin", "config/operative_config.gin"} <= artifact_paths(c, parent.info.run_id)
 
     import numpy as np
@@ -136,6 +138,106 @@ def test_tiny_moons_run_logs_parent_and_children(tiny_run):
     assert "total/c0/precision" in proc.stdout
 
 
+def test_tiny_run_artifacts_have_the_right_content(tiny_run, tmp_path):
+    """Open every kind of artifact and check what is in it, not only that it exists."""
+    import gin
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dlsm import components  # noqa: F401  (registers the configurables config.gin names)
+    from dlsm.config import bindings_as_params, parse_config
+    from dlsm.data import two_moons
+    from dlsm.networks import ClassifierMLP
+    from dlsm.training import load_checkpoint
+
+    cwd, _ = tiny_run
+    c = client(cwd)
+    (parent,) = parents(c)
+    kids = runs_by_stage(c, parent.info.run_id)
+
+    # config.gin parses back (through the launcher's own parser) to exactly the bindings logged as params
+    cfg = Path(c.download_artifacts(parent.info.run_id, "config/config.gin", str(tmp_path)))
+    try:
+        parse_config([str(cfg)], [])
+        back = bindings_as_params()
+    finally:
+        gin.clear_config()
+    params = parent.data.params
+    assert back == {k: params[k] for k in back}
+    assert set(params) - set(back) == {f"schedule.{k}" for k in ("eps", "n_steps_each", "num_scales",
+                                                                  "sigma_max", "sigma_min")} | {"device"}
+    assert params["device"] == "cpu"  # gin/moons.gin pins the CPU
+    assert back["score/train.n_iters"] == "60" and back["macro.NUM_SCALES"] == "8"
+
+    # samples: one (n_samples, 2) float32 array per class label, finite; the oracle's lie on their own moon
+    data = two_moons(400)
+    for m in ("ce", "total", "oracle"):
+        local = c.download_artifacts(kids["sampling"].info.run_id, f"samples/samples-{m}.npz", str(tmp_path))
+        with np.load(local) as z:
+            assert sorted(z.files) == ["c0", "c1"], m
+            arrays = {k: z[k] for k in z.files}
+        for label, x in arrays.items():
+            assert x.shape == (64, 2) and x.dtype == np.float32 and np.isfinite(x).all(), (m, label)
+        if m == "oracle":  # Parzen-exact score at sigma_L = 0.01: every sample next to a point of its class
+            for cls in (0, 1):
+                d = torch.cdist(torch.from_numpy(arrays[f"c{cls}"]), data.x)
+                own, other = d[:, data.y == cls].min(1).values, d[:, data.y != cls].min(1).values
+                assert bool((own < other).all()) and float(own.max()) < 1.0, cls
+
+    # figures: valid PNGs of a useful size that are not blank
+    for run_id, name in ((kids["figures"].info.run_id, "plots/posterior_field_figure.png"),
+                         (kids["stage1-score"].info.run_id, "plots/loss.png")):
+        with Image.open(c.download_artifacts(run_id, name, str(tmp_path))) as im:
+            im.load()
+            assert im.format == "PNG" and im.width >= 300 and im.height >= 200, name
+            lo, hi = im.convert("L").getextrema()
+            assert hi - lo > 100, name
+
+    # checkpoints: the stage's state with all its parts, loadable into the network it trained
+    local = c.download_artifacts(kids["stage2-total"].info.run_id, "checkpoints/classifier-total.pt", str(tmp_path))
+    state = load_checkpoint(local)
+    assert set(state) == {"step", "model", "ema", "optimizer", "generator", "device", "base_lrs", "warmup"}
+    assert state["step"] == 40 and state["device"] == "cpu" and state["warmup"] == 0
+    net = ClassifierMLP(2, 2, hidden=128, depth=3, sigma_data=14.0)
+    net.load_state_dict(state["model"], strict=True)
+    assert int(state["ema"]["n_averaged"]) == 40
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+    assert ema.keys() == state["model"].keys()
+    assert not torch.equal(ema["net.out.weight"], state["model"]["net.out.weight"])
+
+
+def test_help_names_the_real_options_and_defaults(monkeypatch):
+    import dlsm.report
+    from dlsm.launch import build_parser
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "dlsm.launch", "--help"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for opt in ("usage: python -m dlsm.launch", "--gin FILE", "--gin_param BINDING", "--fresh", "--traceback",
+                "gin file (repeatable)", "e.g. 'total_loss.lam = 0.5' (repeatable)"):
+        assert opt in text, opt
+    # the documented defaults: no files, no bindings, resume rather than start over, one-line errors
+    parser = build_parser()
+    ns = parser.parse_args([])
+    assert (ns.gin, ns.gin_param, ns.fresh, ns.traceback) == ([], [], False, False)
+    ns = parser.parse_args(["--gin", "a.gin", "--gin", "b.gin", "--gin_param", "X = 1", "--fresh"])
+    assert (ns.gin, ns.gin_param, ns.fresh) == (["a.gin", "b.gin"], ["X = 1"], True)
+
+    proc = subprocess.run([sys.executable, "-m", "dlsm.report", "--help"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    for opt in ("usage: python -m dlsm.report", "--table1", "--ablation", "--notes", "--out"):
+        assert opt in proc.stdout, opt
+    # the module docstring's defaults are what main() passes on
+    calls = []
+    monkeypatch.setattr(dlsm.report, "write_report", lambda *a: calls.append(a) or a[2])
+    assert dlsm.report.main([]) == 0
+    assert calls == [("moons_table1", "moons_ablation", Path("docs/results/moons.md"), None)]
+
+
 def test_operative_config_recreates_the_run(tiny_run, tmp_path):
     cwd, _ = tiny_run
     c = client(cwd)
@@ -145,7 +247,7 @@ def test_operative_config_recreates_the_run(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (again,) = parents(client(tmp_path))
     assert set(runs_by_stage(client(tmp_path), again.info.run_id)) == {
-        "stage1-score", "stage2-ce", "stage2-total", "sampling"}
+        "stage1-score", "stage2-ce", "stage2-total", "sampling", "evaluation", "figures"}
     for key in ("ce/c0/D_P/s7.5", "total/c1/sw1"):  # same seeds, same config: same numbers
         assert again.data.metrics[key] == pytest.approx(parent.data.metrics[key], rel=1e-4)
 
@@ -273,8 +375,8 @@ def test_tiny_table1_has_every_method_class_and_metric_finite(paper_runs):
     (parent,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'parent'")
     kids = runs_by_stage_in(c, exp, parent.info.run_id)
     assert {"stage1-score", "posterior_sm-c0", "posterior_sm-c1", "stage2-ce-mlp", "stage2-total-mlp",
-            "stage2-ce-branch", "stage2-total-branch", "sampling"} <= set(kids)
-    final = kids["sampling"].data.metrics
+            "stage2-ce-branch", "stage2-total-branch", "sampling", "evaluation", "figures"} <= set(kids)
+    final = kids["evaluation"].data.metrics
     methods = [f"{m}-{s}" for m in ("base", "scaling", "ours") for s in ("mlp", "branch")] + ["posterior_sm"]
     for m in methods:
         for cls in (0, 1):
@@ -289,9 +391,9 @@ def test_tiny_table1_has_every_method_class_and_metric_finite(paper_runs):
     for s in ("mlp", "branch"):
         assert final[f"scaling-{s}/c0/alpha_star_grid/s7.5"] == pytest.approx(
             final[f"base-{s}/c0/alpha_star_grid/s7.5"] / 2.0, rel=1e-6)
-    arts = artifact_paths(c, kids["sampling"].info.run_id)
+    arts = artifact_paths(c, kids["figures"].info.run_id)
     assert {"plots/posterior_field_figure-mlp.png", "plots/posterior_field_figure-branch.png"} <= arts
-    assert parent.data.params["experiment.posterior_sm"] == "True"
+    assert "@posterior_sm" in parent.data.params["experiment.stages"]
 
 
 def runs_by_stage_in(c, exp, parent_id: str) -> dict:
@@ -317,8 +419,7 @@ def test_tiny_ablation_logs_training_curves_per_seed(paper_runs):
     first = {k: min(v, key=lambda m: m.step).value for k, v in h.items()}
     assert first["ce", 0] == pytest.approx(first["total", 0]) and first["ce", 0] != first["ce", 1]
     assert "plots/training_curves-branch.png" in artifact_paths(c, parent.info.run_id)
-    sampling_artifacts = artifact_paths(c, kids["sampling"].info.run_id)
-    assert not any(k.startswith("samples/") for k in sampling_artifacts)
+    assert "sampling" not in kids and "evaluation" in kids  # the ablation's stage list has no sampling
 
 
 def test_report_is_generated_from_the_runs(paper_runs):
@@ -333,7 +434,7 @@ def test_report_is_generated_from_the_runs(paper_runs):
     c = client(paper_runs)
     exp = c.get_experiment_by_name("moons_table1")
     (parent,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'parent'")
-    final = runs_by_stage_in(c, exp, parent.info.run_id)["sampling"].data.metrics
+    final = runs_by_stage_in(c, exp, parent.info.run_id)["evaluation"].data.metrics
     # the table carries the run's numbers, formatted to 3 significant digits
     assert f"| {final['oracle/c0/precision']:.3g} |" in text
     assert f"{final['base-mlp/c1/D_L_grid/s7.5']:.3g}" in text
@@ -344,7 +445,16 @@ def test_report_is_generated_from_the_runs(paper_runs):
     for png in ("figure1-mlp.png", "figure1-branch.png", "figure5-branch.png"):
         assert (out.parent / "moons" / png).stat().st_size > 1000, png
         assert f"](moons/{png})" in text
-    assert "(a) base" in text and "(e) oracle" in text and "E[D_L] ours (Total) < base (CE)" in text
+    assert "(a) base" in text and "(e) oracle" in text
+    # each claim's verdict is the one these numbers give, recounted here from the sampling run's metrics
+    for shape in ("mlp", "branch"):
+        for stem in ("D_L", "D_P"):
+            pairs = [(v, final[k.replace(f"ours-{shape}/", f"base-{shape}/", 1)]) for k, v in final.items()
+                     if re.match(rf"ours-{shape}/c[01]/{stem}(_grid)?/s", k)]
+            wins, n = sum(a < b for a, b in pairs), len(pairs)
+            verdict = "agrees" if wins == n else "mostly agrees" if 2 * wins > n else "does not agree"
+            (line,) = [ln for ln in text.splitlines() if f"*{shape}*, E[{stem}] ours (Total) < base (CE)" in ln]
+            assert n == 8 and f"**{wins} of {n}** (class × σ × point set) comparisons: **{verdict}**" in line
 
 
 def test_report_without_runs_is_one_line(tmp_path):

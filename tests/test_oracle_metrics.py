@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -131,8 +131,50 @@ def test_oracle_likelihood_is_posterior_minus_prior(sigma, far, seed):
         assert torch.equal(oracle.posterior(x, sigma, y), post)
         assert torch.equal(oracle.posterior_fn(y)(x, sigma), post)
         assert torch.equal(oracle_posterior_score_fn(data, labels, y)(x, sigma), post)
-        # Bayes' rule: posterior = prior + likelihood
-        assert bool(((oracle.prior(x, sigma) + lik - post).abs() <= scale).all())
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    a=st.lists(st.floats(-5.0, 5.0), min_size=2, max_size=2),
+    b=st.lists(st.floats(-5.0, 5.0), min_size=2, max_size=2),
+    sigma=st.floats(0.05, 10.0),
+    far=st.floats(0.0, 300.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_oracle_scores_of_one_point_per_class_closed_form(a, b, sigma, far, seed):
+    """Data {a (class 0), b (class 1)}: p_sigma(x|0) = N(x; a, sigma^2 I), so in closed form
+        posterior(0) = (a - x)/sigma^2,  prior = (w_a a + w_b b - x)/sigma^2,
+        likelihood(0) = grad log w_a = w_b (a - b)/sigma^2,  w_b = expit((||x-a||^2 - ||x-b||^2)/(2 sigma^2)),
+    with the weights from scipy's expit in numpy float64 (stable also ``far`` sigmas away)."""
+    from scipy.special import expit
+
+    a_np, b_np = np.array(a), np.array(b)
+    data = torch.tensor(np.stack([a_np, b_np]), dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    rng = np.random.default_rng(seed)
+    x_np = rng.normal(size=(12, 2)) * 3.0 + far * sigma * rng.normal(size=(1, 2))
+    x = torch.tensor(x_np)
+    d = ((x_np - a_np) ** 2).sum(1) - ((x_np - b_np) ** 2).sum(1)
+    w_b = expit(d / (2 * sigma**2))[:, None]
+    w_a = expit(-d / (2 * sigma**2))[:, None]
+    oracle = OracleScores(data, labels)
+    refs = {
+        "post0": (a_np - x_np) / sigma**2,
+        "post1": (b_np - x_np) / sigma**2,
+        "prior": (w_a * a_np + w_b * b_np - x_np) / sigma**2,
+        "lik0": w_b * (a_np - b_np) / sigma**2,
+        "lik1": w_a * (b_np - a_np) / sigma**2,
+    }
+    got = {
+        "post0": oracle.posterior(x, sigma, 0), "post1": oracle_posterior_score(data, labels, x, sigma, 1),
+        "prior": oracle.prior(x, sigma),
+        "lik0": oracle.likelihood(x, sigma, 0), "lik1": oracle_likelihood_score(data, labels, x, sigma, 1),
+    }
+    scale = (np.abs(x_np).max() + np.abs(np.stack([a_np, b_np])).max() + 1.0) / sigma**2
+    for key, ref in refs.items():
+        np.testing.assert_allclose(got[key].numpy(), ref, rtol=0, atol=1e-9 * scale, err_msg=key)
+    # the brute-force reference used above agrees with the closed form too
+    np.testing.assert_allclose(_brute_parzen_score(data, x, sigma).numpy(), refs["prior"], rtol=0, atol=1e-9 * scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,13 +303,23 @@ def test_mean_score_distance_matches_manual(b, shape, seed):
     assert mean_score_distance(est, est) == 0.0
 
 
-def test_brute_force_helpers_are_consistent():
-    """The reference implementations agree with each other (guards the references, not the library)."""
-    data = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    torch.testing.assert_close(_brute_parzen_score(data, x, 0.8), _naive_parzen_score(data, x, 0.8))
-    pts = [[0.0, 0.0], [3.0, 4.0]]
-    assert [_dist(a, b) for a, b in itertools.product(pts, pts)] == [0.0, 5.0, 5.0, 0.0]
+def test_oracle_posterior_of_two_separated_clusters_is_its_cluster():
+    """Two classes of points 1000 sigma apart: near class y's cluster, p(y|x) = 1 to machine precision, so the
+    likelihood score is 0 and the posterior equals the prior (both the cluster's own Parzen score), while the
+    other class's posterior is the far-field score (nearest point - x)/sigma^2."""
+    g = torch.Generator().manual_seed(0)
+    c0 = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    c1 = torch.randn(5, 2, generator=g, dtype=torch.float64) + torch.tensor([1000.0, 0.0], dtype=torch.float64)
+    data, labels = torch.cat([c0, c1]), torch.tensor([0] * 6 + [1] * 5)
+    sigma = 1.0
+    x = torch.randn(9, 2, generator=g, dtype=torch.float64)  # near class 0
+    oracle = OracleScores(data, labels)
+    own = _naive_parzen_score(c0, x, sigma)  # no underflow this close
+    torch.testing.assert_close(oracle.prior(x, sigma), own, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(oracle.posterior(x, sigma, 0), own, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(oracle.likelihood(x, sigma, 0), torch.zeros_like(x), rtol=0, atol=1e-9)
+    nearest = c1[torch.cdist(x, c1).argmin(1)]
+    torch.testing.assert_close(oracle.posterior(x, sigma, 1), (nearest - x) / sigma**2, rtol=1e-9, atol=1e-9)
 
 
 @SETTINGS
@@ -377,4 +429,5 @@ def test_posterior_sm_scores_follow_bayes_rule():
     x = torch.randn(10, 2)
     assert torch.allclose(sc.posterior(x, 1.0, 1), -(x + 2.0))
     assert torch.allclose(sc.likelihood(x, 1.0, 0), torch.ones_like(x))  # posterior - prior
-    assert torch.allclose(sc.posterior_fn(0)(x, 1.0), sc.prior(x, 1.0) + sc.likelihood(x, 1.0, 0))
+    assert torch.allclose(sc.posterior_fn(0)(x, 1.0), -(x - 1.0))  # class 0's model, not the prior
+    assert torch.allclose(sc.likelihood(x, 1.0, 1), torch.full_like(x, -2.0))

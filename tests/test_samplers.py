@@ -22,6 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dlsm.device import make_generator, resolve_device
 from dlsm.samplers import annealed_langevin, predictor_corrector, prior_sample
 from dlsm.schedules import geometric_sigmas, technique4_step_size
 
@@ -215,3 +216,211 @@ def test_burn_in_adds_steps_at_sigma_max_only():
     b = predictor_corrector(score, x0, SIGMAS[:1], generator=torch.Generator().manual_seed(5), disable=True,
                             n_corrector_steps=1, burn_in=B)
     assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# the last step, by definition (docstrings of predictor_corrector and annealed_langevin)
+# --------------------------------------------------------------------------------------------
+
+
+def _linear_score(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """A deterministic affine score -(x - m)/(c + sigma^2) with per-coordinate m and c."""
+    m = torch.tensor([1.5, -0.5, 0.25], dtype=x.dtype)
+    c = torch.tensor([0.3, 1.0, 2.0], dtype=x.dtype)
+    return -(x - m) / (c + sigma[:, None] ** 2)
+
+
+def _pc_by_hand(x: torch.Tensor, sigmas: list[float], snr: float, n_corr: int, denoise: bool,
+                g: torch.Generator) -> torch.Tensor:
+    """Song et al. (2021) Algorithms 2-3 as the docstring states them, drawing noise in the same order:
+    per level, the corrector's z for each corrector step, then the predictor's z (none after the last with
+    denoise)."""
+    for i, si in enumerate(sigmas):
+        sig = torch.full((x.shape[0],), si, dtype=x.dtype)
+        for _ in range(n_corr):
+            s = _linear_score(x, sig)
+            z = torch.randn(x.shape, generator=g).to(x)
+            step = 2.0 * (snr * z.norm(dim=1).mean() / s.norm(dim=1).mean()) ** 2
+            x = x + step * s + (2.0 * step).sqrt() * z
+        nxt = sigmas[i + 1] if i + 1 < len(sigmas) else 0.0
+        d = si**2 - nxt**2
+        x = x + d * _linear_score(x, sig)
+        if i + 1 < len(sigmas) or not denoise:
+            x = x + math.sqrt(d) * torch.randn(x.shape, generator=g).to(x)
+    return x
+
+
+@pytest.mark.parametrize("levels", [[0.8], [3.0, 0.4]])
+@pytest.mark.parametrize("n_corr", [0, 2])
+def test_pc_last_step_with_and_without_denoise_follows_its_definition(levels, n_corr):
+    sigmas = torch.tensor(levels)
+    x0 = torch.randn(6, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    sl2 = float(sigmas[-1]) ** 2
+    out = {}
+    for denoise in (True, False):
+        got = predictor_corrector(_linear_score, x0.clone(), sigmas, snr=0.2, n_corrector_steps=n_corr,
+                                  denoise=denoise, generator=torch.Generator().manual_seed(5), disable=True)
+        ref = _pc_by_hand(x0.clone(), [float(v) for v in sigmas], 0.2, n_corr, denoise,
+                          torch.Generator().manual_seed(5))
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        out[denoise] = got
+    # the two differ by exactly the last predictor's noise sqrt(sigma_L^2 - 0) z, z the next draw of the stream
+    g = torch.Generator().manual_seed(5)
+    n_draws = len(levels) * n_corr + (len(levels) - 1)
+    for _ in range(n_draws):
+        torch.randn(x0.shape, generator=g)
+    z_last = torch.randn(x0.shape, generator=g).double()
+    torch.testing.assert_close(out[False] - out[True], math.sqrt(sl2) * z_last, rtol=1e-10, atol=1e-12)
+
+
+def test_pc_without_correctors_on_one_level_is_tweedie():
+    """One level, no corrector: x + sigma^2 s(x, sigma) with denoise; plus sigma z without."""
+    x0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sig = torch.full((5,), 0.7, dtype=torch.float64)
+    sigma2 = float(torch.tensor(0.7)) ** 2  # the float32 level the sampler sees
+    tweedie = x0 + sigma2 * _linear_score(x0, sig.float().double())
+    got = predictor_corrector(_linear_score, x0, torch.tensor([0.7]), n_corrector_steps=0, denoise=True,
+                              generator=torch.Generator().manual_seed(0), disable=True)
+    torch.testing.assert_close(got, tweedie, rtol=1e-12, atol=1e-12)
+    noisy = predictor_corrector(_linear_score, x0, torch.tensor([0.7]), n_corrector_steps=0, denoise=False,
+                                generator=torch.Generator().manual_seed(0), disable=True)
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).double()
+    torch.testing.assert_close(noisy, tweedie + math.sqrt(sigma2) * z, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("denoise", [True, False])
+def test_langevin_two_levels_follow_algorithm_1(denoise):
+    """NCSNv2 Algorithm 1 by hand on two levels, with and without the final Tweedie step
+    x + sigma_L^2 s(x, sigma_L) (sigma_L the *smallest* level)."""
+    sigmas, eps, t = torch.tensor([2.0, 0.5]), 0.01, 3
+    x0 = torch.randn(6, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = annealed_langevin(_linear_score, x0, sigmas, eps=eps, n_steps_each=t, denoise=denoise,
+                            generator=torch.Generator().manual_seed(9), disable=True)
+    g, x = torch.Generator().manual_seed(9), x0.clone()
+    lv = [float(v) for v in sigmas]
+    for si in lv:
+        a = eps * si**2 / lv[-1] ** 2
+        for _ in range(t):
+            z = torch.randn(x.shape, generator=g).double()
+            x = x + a * _linear_score(x, torch.full((6,), si, dtype=torch.float64)) + math.sqrt(2 * a) * z
+    if denoise:
+        x = x + lv[-1] ** 2 * _linear_score(x, torch.full((6,), lv[-1], dtype=torch.float64))
+    # the library forms alpha_i in float32 (langevin_step_sizes of float32 sigmas): ~1e-7 relative
+    torch.testing.assert_close(got, x, rtol=1e-6, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# devices and generators: known CPU numbers, reproducibility, and on a GPU no per-step synchronisation
+# --------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _known_score(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return -(x - torch.tensor([0.5, -1.0], dtype=x.dtype, device=x.device)) / (1.0 + sigma[:, None] ** 2)
+
+
+def _known_run(sampler: str, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(123) if generator is None else generator
+    x0 = prior_sample((3, 2), 20.0, generator=g).to(dtype)
+    sigmas = geometric_sigmas(20.0, 0.05, 6)
+    if sampler == "langevin":
+        return annealed_langevin(_known_score, x0, sigmas, eps=1e-4, n_steps_each=2, burn_in=1, generator=g,
+                                 disable=True)
+    return predictor_corrector(_known_score, x0, sigmas, snr=0.16, n_corrector_steps=2, burn_in=1, generator=g,
+                               disable=True)
+
+
+# _known_run's outputs, written down by running it on the samplers as they were before the device change
+# (noise drawn with torch.randn(x.shape, generator=g).to(x) on the CPU); float64 runs draw float32 noise too.
+_KNOWN = {
+    ("langevin", torch.float32): [[-8.29291820526123, -2.4509944915771484], [-1.2356810569763184, 7.122219562530518],
+                                  [-17.72474479675293, -6.3478169441223145]],
+    ("langevin", torch.float64): [[-8.29291820833012, -2.450995197880002], [-1.2356808087055153, 7.1222187828124355],
+                                  [-17.724744321942932, -6.3478176261108175]],
+    ("pc", torch.float32): [[-0.19094938039779663, -7.733558177947998], [2.9709224700927734, -0.5943926572799683],
+                            [0.8199065923690796, 1.5298856496810913]],
+    ("pc", torch.float64): [[-0.19094964455844576, -7.733557568555649], [2.970921721419282, -0.5943928452468775],
+                            [0.8199065491644509, 1.5298854388375716]],
+}
+_KNOWN_X0 = [[-2.229342222213745, 2.407258987426758], [-7.392690181732178, -4.808359622955322],
+             [-23.938486099243164, 4.185387134552002]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sampler", ["langevin", "pc"])
+def test_cpu_results_are_those_of_before_the_device_change(sampler, dtype):
+    """Bit for bit: the prior draw, then every Langevin / corrector / predictor noise from the same CPU stream."""
+    x0 = prior_sample((3, 2), 20.0, generator=torch.Generator().manual_seed(123))
+    assert x0.dtype == torch.float32 and torch.equal(x0, torch.tensor(_KNOWN_X0))
+    out = _known_run(sampler, dtype)
+    assert out.dtype == dtype and out.device.type == "cpu"
+    assert torch.equal(out, torch.tensor(_KNOWN[sampler, dtype], dtype=dtype))
+
+
+@pytest.mark.parametrize("sampler", ["langevin", "pc"])
+def test_same_generator_seed_gives_identical_samples(sampler):
+    a = _known_run(sampler, torch.float32, make_generator(9, "cpu"))
+    b = _known_run(sampler, torch.float32, make_generator(9, "cpu"))
+    c = _known_run(sampler, torch.float32, make_generator(10, "cpu"))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, _known_run(sampler, torch.float32, torch.Generator().manual_seed(9)))
+
+
+def test_prior_sample_device_follows_the_generator():
+    g = make_generator(0, "cpu")
+    assert prior_sample((4, 2), 3.0, generator=g).device.type == "cpu"
+    assert prior_sample((4, 2), 3.0).device.type == "cpu"
+    a = prior_sample((4, 2), 3.0, generator=make_generator(0, "cpu"), device="cpu")
+    assert torch.equal(a, 3.0 * torch.randn(4, 2, generator=torch.Generator().manual_seed(0)))
+
+
+def _count_syncs(fn) -> int:
+    """Number of CUDA synchronisations (host<->device copies, .item(), stream syncs) that ``fn()`` makes."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+@cuda
+@pytest.mark.parametrize("sampler", ["langevin", "pc"])
+def test_samplers_on_the_gpu_stay_there_reproduce_and_do_not_sync_per_step(sampler):
+    dev = torch.device("cuda")
+    mu, s = torch.tensor([0.5, -1.0]), 1.0
+    score = gaussian_score(mu.to(dev), s)
+
+    def run(seed: int, sigmas: torch.Tensor = SIGMAS, n: int = N) -> torch.Tensor:
+        g = make_generator(seed, dev)
+        x0 = prior_sample((n, 2), SIGMA_MAX, generator=g)
+        assert x0.device == resolve_device("cuda")
+        if sampler == "langevin":
+            return annealed_langevin(score, x0, sigmas, eps=EPS, n_steps_each=T, generator=g, disable=True)
+        return predictor_corrector(score, x0, sigmas, snr=SNR, generator=g, disable=True)
+
+    a, b, c = run(3), run(3), run(4)
+    assert a.device.type == "cuda" and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    mean, var = _law(sampler, mu, s)  # the GPU stream samples the same law
+    assert _moments_ok(a.cpu(), mean, var)
+    # synchronisations do not grow with the number of steps: 40 levels vs 10 (sigmas given on the host)
+    long, short = _count_syncs(lambda: run(5, SIGMAS, 64)), _count_syncs(lambda: run(5, SIGMAS[::4], 64))
+    assert long == short <= 2, (long, short)
+    on_device = SIGMAS.to(dev)
+    assert _count_syncs(lambda: run(5, on_device, 64)) <= 2
+
+
+@cuda
+def test_prior_sample_on_the_gpu():
+    g = make_generator(0, "cuda")
+    x = prior_sample((1000, 3), 7.0, generator=g)
+    assert x.device.type == "cuda"
+    assert torch.equal(x, prior_sample((1000, 3), 7.0, generator=make_generator(0, "cuda")))
+    assert prior_sample((2, 3), 7.0, generator=make_generator(0, "cuda"), device="cuda").device.type == "cuda"

@@ -177,21 +177,45 @@ def test_technique2_cifar10_default_overlap_gives_220_scales():
     assert _overlap_ref((smax / smin) ** (1 / 218), d) < 0.5
 
 
-# With N = ceil(log(sigma_max/sigma_min)/log gamma) + 1 the overlaps reproducing each count are CIFAR-10
-# [0.5640, 0.5670], CelebA [0.5647, 0.5669], church [0.5648, 0.5662], bedroom [0.5654, 0.5665], FFHQ [0.5664, 0.5669]:
-# church and FFHQ do not intersect, so no one overlap gives all five; 0.566 gives four exactly and FFHQ - 1.
+# NCSNv2's released configs (github.com/ermongroup/ncsnv2, configs/*.yml: sigma_begin, sigma_end = 0.01,
+# num_classes). With N = ceil(log(sigma_max/sigma_min)/log gamma) + 1 the overlaps reproducing each count are
+# CIFAR-10 (0.5640, 0.5670], CelebA (0.5647, 0.5669], church (0.5648, 0.5662], bedroom (0.5654, 0.5665],
+# FFHQ (0.5664, 0.5669]: church and FFHQ do not intersect, so no one overlap gives all five.
 _NCSNV2 = [
-    pytest.param(3072, 50.0, 232, 0, id="cifar10"),
-    pytest.param(12288, 90.0, 500, 0, id="celeba"),
-    pytest.param(3 * 96 * 96, 140.0, 788, 0, id="church"),
-    pytest.param(3 * 128 * 128, 190.0, 1086, 0, id="bedroom"),
-    pytest.param(3 * 256 * 256, 348.0, 2311, -1, id="ffhq"),
+    pytest.param(3072, 50.0, 232, id="cifar10"),
+    pytest.param(12288, 90.0, 500, id="celeba"),
+    pytest.param(3 * 96 * 96, 140.0, 788, id="church"),
+    pytest.param(3 * 128 * 128, 190.0, 1086, id="bedroom"),
 ]
 
 
-@pytest.mark.parametrize(("dim", "sigma_max", "published", "offset"), _NCSNV2)
-def test_technique2_reproduces_ncsnv2_published_counts(dim, sigma_max, published, offset):
-    assert technique2_num_scales(sigma_max, 0.01, dim, overlap=0.566) == published + offset
+@pytest.mark.parametrize(("dim", "sigma_max", "published"), _NCSNV2)
+def test_technique2_reproduces_ncsnv2_published_counts(dim, sigma_max, published):
+    assert technique2_num_scales(sigma_max, 0.01, dim, overlap=0.566) == published
+    # and the published count is the fewest scales reaching overlap 0.566 (checked with the erf formula)
+    assert _overlap_ref((sigma_max / 0.01) ** (1 / (published - 1)), dim) >= 0.566
+    assert _overlap_ref((sigma_max / 0.01) ** (1 / (published - 2)), dim) < 0.566
+
+
+def test_technique2_ffhq_is_one_scale_below_ncsnv2():
+    """FFHQ, 256 x 256 x 3, sigma_begin 348, sigma_end 0.01: NCSNv2's configs/ffhq.yml has num_classes 2311.
+
+    At overlap 0.566, gamma = 1.0045408 and log(348/0.01)/log(gamma) = 2308.18, so the formula gives
+    ceil(2308.18) + 1 = 2310. The geometric ratio of 2310 scales has overlap 0.56640 >= 0.566 already
+    (2309 scales: 0.56591 < 0.566), so 2310 is the fewest scales at that target; NCSNv2's 2311 scales have
+    overlap 0.56688, i.e. FFHQ was set with one scale more than its other four configs' common target requires.
+    Any target in (0.56640, 0.56688] gives 2311 but then church (788 needs <= 0.56620) gets 789.
+    """
+    dim, smax, smin, published = 3 * 256 * 256, 348.0, 0.01, 2311
+    assert technique2_num_scales(smax, smin, dim, overlap=0.566) == 2310 == published - 1
+
+    def ov(n: int) -> float:
+        return _overlap_ref((smax / smin) ** (1 / (n - 1)), dim)
+
+    assert ov(2309) < 0.566 <= ov(2310)
+    assert ov(2310) == pytest.approx(0.56640, abs=5e-5) and ov(published) == pytest.approx(0.56688, abs=5e-5)
+    assert technique2_num_scales(smax, smin, dim, overlap=0.5665) == published
+    assert technique2_num_scales(140.0, smin, 3 * 96 * 96, overlap=0.5665) == 789  # church one over its 788
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3, 4])

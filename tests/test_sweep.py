@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from dlsm.sweep import class_mean, local_ray_env
+from dlsm.sweep import class_mean
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "score/train.n_iters = 40", "classifier/train.n_iters = 20", "score/train.batch_size = 64",
     "classifier/train.batch_size = 64", "score/train.log_every = 10", "classifier/train.log_every = 10",
-    "NUM_SCALES = 6", "STEPS_PER_SCALE = 1", "experiment.n_samples = 32", "two_moons.n = 300",
+    "NUM_SCALES = 6", "STEPS_PER_SCALE = 1", "sample.n_per_class = 32", "two_moons.n = 300",
     "score_error_metrics.n_points = 32", "score_error_metrics.grid_size = 6", "classifier_metrics.n_points = 32",
-    "posterior_field_figure.grid = 5", "experiment.oracle = True", "sweep.cpus_per_trial = 1",
+    "posterior_field_figure.grid = 5", "sweep.cpus_per_trial = 1",
 ]
 
 
@@ -42,11 +42,6 @@ def test_class_mean():
     assert class_mean(m, "total/c0/sw1") == 1.0
     assert class_mean(m, "total/D_L/s1") == 5.0
     assert class_mean(m, "total/precision") is None
-
-
-def test_local_ray_env_turns_off_usage_stats():
-    env = local_ray_env()
-    assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["MLFLOW_DISABLE_TELEMETRY"] == "true"
 
 
 def test_lambda_sweep_three_trials_as_mlflow_children(tmp_path):
@@ -99,11 +94,24 @@ def test_bad_sweep_setting_is_one_line(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and "sweep.scheduler" in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("script", ["sweep_alpha.py", "sweep_noise.py", "sweep_lambda.py", "sweep.py"])
-def test_scripts_have_help(script):
+@pytest.mark.parametrize(("script", "param", "values", "share"), [
+    ("sweep_alpha.py", "ALPHA", ["1.0", "2.0", "4.0", "8.0"], "stage2"),
+    ("sweep_noise.py", "NUM_SCALES", ["25", "50", "100"], "stage2"),
+    ("sweep_lambda.py", "LAM", ["0.03125", "0.125", "0.5", "2.0"], "stage1"),
+    ("sweep.py", None, None, "stage1"),
+])
+def test_scripts_help_states_their_defaults(script, param, values, share):
+    """Each script's --help names the defaults it really uses (its own call of ``dlsm.sweep.main``)."""
     proc = subprocess.run([sys.executable, str(ROOT / "tune" / script), "--help"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
-    assert proc.returncode == 0 and "--address" in proc.stdout and "--values" in proc.stdout
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "400"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert f"usage: python tune/{script}" in text
+    assert f"(default {share})" in text
+    if param is None:
+        assert "--param PARAM" in text and "default" not in text.split("--param PARAM", 1)[1].split("--values")[0]
+    else:
+        assert f"default {param}" in text and f"default {values}" in text
 
 
 def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
@@ -124,6 +132,14 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "--resume" in err, err[-2000:]
+    c = client(tmp_path)
+    exp = c.get_experiment_by_name("moons")
+    (interrupted,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'sweep'")
+    finished_before = {t.info.run_id: (t.data.params["macro.LAM"], dict(t.data.metrics), t.info.end_time)
+                       for t in c.search_runs([exp.experiment_id], filter_string=(
+                           f"tags.`mlflow.parentRunId` = '{interrupted.info.run_id}' and attributes.status = "
+                           "'FINISHED'"))}
+    assert finished_before, "no trial had finished before the interruption"
 
     again = sweep(tmp_path, "sweep_lambda.py", "--values", "0.01", "0.1", "1.0", "--resume", params=params)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -136,3 +152,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
                            filter_string=f"tags.`mlflow.parentRunId` = '{sweeps[0].info.run_id}'")
     assert sorted(t.data.params["macro.LAM"] for t in trials) == ["0.01", "0.1", "1.0"]  # none twice
     assert all(t.info.status == "FINISHED" for t in trials)
+    for run_id, (lam, metrics, end_time) in finished_before.items():  # kept as they were, not re-run
+        run = c.get_run(run_id)
+        assert run.data.params["macro.LAM"] == lam and run.info.end_time == end_time
+        assert {k: v for k, v in run.data.metrics.items() if k in metrics} == metrics

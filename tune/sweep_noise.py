@@ -5,6 +5,7 @@
     python tune/sweep_noise.py [--param NUM_SCALES] [--values 25 50 100] [--gin FILE ...] [--address ADDRESS]
 """
 
+import argparse
 import sys
 
 from dlsm.sweep import main
@@ -12,8 +13,12 @@ from dlsm.sweep import main
 TRAINING = ("SIGMA_MAX", "SIGMA_MIN", "noise_schedule.sigma_max", "noise_schedule.sigma_min")
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    param = argv[argv.index("--param") + 1] if "--param" in argv else "NUM_SCALES"
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)  # what is shared; main() parses the rest
+    pre.add_argument("--param", default="NUM_SCALES")
+    try:
+        param = pre.parse_known_args()[0].param
+    except argparse.ArgumentError:  # main() reports it
+        param = "NUM_SCALES"
     share = "none" if param in TRAINING else "stage2"
     sys.exit(main(param="NUM_SCALES", values=["25", "50", "100"], share=share,
                   default_params=["sweep.metric = 'total/sw1'"], prog="tune/sweep_noise.py"))

@@ -1,0 +1,307 @@
+"""An experiment is a gin-bound list of stages run in order, each a plain function ``stage(run, state)``.
+
+    score model (DSM) -> classifiers (one per loss, score model frozen) -> sampling -> evaluation -> figures
+
+``experiment.stages`` lists them (the default above: :mod:`dlsm.stages`); moons-only work (the Parzen
+oracle, method (c) posterior SM) is more stages that the moons gin files add to the list. A stage reads
+and extends a small explicit :class:`State` (data, noise schedule, networks, methods, samples,
+metrics) and opens its own child MLflow run through :class:`Run` (tracker, parent run, checkpoint
+folder, device). Checkpoints live in ``<workdir>/<name>/<config hash>/`` so relaunching the same
+command resumes where it stopped; finished stages are skipped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gin
+import numpy as np
+import torch
+from torch import nn
+
+from dlsm import config as cfg
+from dlsm.device import device as device_binding
+from dlsm.errors import ConfigError
+from dlsm.losses import ce_loss, dsm_loss, total_loss
+from dlsm.samplers import annealed_langevin
+from dlsm.schedules import NoiseSchedule, noise_schedule
+from dlsm.scores import ModelScores
+from dlsm.tracking import Tracker
+
+__all__ = [
+    "ExperimentResult", "ExperimentSpec", "Run", "State", "build_methods", "build_network", "check_workdir",
+    "check_networks", "experiment", "method_key", "run_experiment", "seed_everything",
+]
+
+
+@dataclass
+class ExperimentSpec:
+    """What :func:`experiment` declares: the components, shared by every stage."""
+
+    name: str
+    seed: int
+    dataset: Callable
+    score_model: Callable[..., nn.Module]
+    classifiers: dict[str, Callable[..., nn.Module]]  # shape name ('' when one) -> network factory
+    score_loss: Callable
+    classifier_losses: dict[str, Callable]
+    alpha: float
+    sampling_methods: dict[str, tuple[str, float]] | None
+    sampler: Callable
+    stages: tuple[Callable, ...]
+    workdir: str = ".dlsm"
+    stage1_run_id: str | None = None
+    stage2_run_id: str | None = None
+    stop_after: str | None = None
+
+
+@dataclass
+class ExperimentResult:
+    run_id: str  # the MLflow parent run
+    metrics: dict[str, float]
+
+
+@dataclass
+class State:
+    """What stages hand on: each stage reads what earlier ones left and adds its own part."""
+
+    data: object  # LabelledData or ImageData (dlsm.data / dlsm.images)
+    schedule: NoiseSchedule
+    score_model: nn.Module | None = None
+    classifiers: dict[str, dict[str, nn.Module]] = field(default_factory=dict)  # shape -> loss -> EMA net
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # "{loss}-{shape}" -> losses
+    extra_methods: dict[str, object] = field(default_factory=dict)  # e.g. posterior SM, the Parzen oracle
+    oracle: object | None = None
+    samples: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # method -> class -> samples
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def methods(self, spec: ExperimentSpec) -> dict[str, object]:
+        """The sampled methods in a fixed order: every classifier shape's (base, scaling, ours, ...), then
+        the extra methods in the order the stages added them."""
+        out: dict[str, object] = {}
+        for shape, per_loss in self.classifiers.items():
+            out.update(build_methods(self.score_model, per_loss, spec.sampling_methods, spec.alpha, shape=shape))
+        return {**out, **self.extra_methods}
+
+
+@dataclass
+class Run:
+    """What every stage of one launch shares: the spec, MLflow, the checkpoint folder and the device."""
+
+    spec: ExperimentSpec
+    tracker: Tracker
+    parent_id: str
+    rundir: Path
+    params: dict[str, str]
+    device: torch.device
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def seed(self, offset: int) -> int:
+        return self.spec.seed + offset
+
+
+@gin.configurable
+def experiment(
+    *,
+    name: str = "dlsm",
+    seed: int = 0,
+    dataset: Callable = gin.REQUIRED,
+    score_model: Callable[..., nn.Module] = gin.REQUIRED,
+    classifier: Callable[..., nn.Module] | dict[str, Callable[..., nn.Module]] = gin.REQUIRED,
+    score_loss: Callable = dsm_loss,
+    classifier_losses: dict[str, Callable] | None = None,
+    alpha: float = 1.0,
+    sampling_methods: dict[str, tuple[str, float]] | None = None,
+    sampler: Callable = annealed_langevin,
+    stages: Sequence[Callable] | None = None,
+    workdir: str = ".dlsm",
+    stage1_run_id: str | None = None,
+    stage2_run_id: str | None = None,
+    stop_after: str | None = None,
+) -> ExperimentSpec:
+    """Declare an experiment. ``classifier_losses`` maps a method name to its stage-2 loss
+    (default ``{'ce': ce_loss, 'total': total_loss}``); ``alpha`` scales every likelihood score
+    at sampling, unless ``sampling_methods`` names each sampled method as ``name: (loss name, alpha)``,
+    e.g. ``{'base': ('ce', 1.0), 'scaling': ('ce', 10.0), 'ours': ('total', 1.0)}``.
+
+    ``classifier`` may be one network or a dict of named shapes ``{'mlp': @ClassifierMLP, ...}``; every
+    shape gets every stage-2 loss and sampled method, named ``{method}-{shape}``, on one shared stage 1.
+    ``stages`` is the list of stage functions (default: score model, classifiers, sampling, evaluation,
+    figures). ``stage1_run_id`` / ``stage2_run_id`` reuse the score model / classifiers of a finished
+    run; ``stop_after = 'stage1'`` or ``'stage2'`` ends the run after that stage (a shared run for sweeps)."""
+    from dlsm import stages as st
+
+    if stop_after not in (None, "stage1", "stage2"):
+        raise ConfigError(f"experiment.stop_after must be None, 'stage1' or 'stage2', got {stop_after!r}")
+    shapes = dict(classifier) if isinstance(classifier, dict) else {"": classifier}
+    if not shapes or any(not isinstance(k, str) or not k.isidentifier() and k for k in shapes):
+        raise ConfigError(f"experiment.classifier: expected a network or a dict of named networks, got {classifier!r}")
+    losses = classifier_losses if classifier_losses is not None else {"ce": ce_loss, "total": total_loss}
+    if not losses:
+        raise ConfigError("experiment.classifier_losses is empty; name at least one stage-2 loss")
+    if cfg.finite_nonnegative(alpha):
+        raise ConfigError(f"experiment.alpha = {alpha!r}: {cfg.finite_nonnegative(alpha)}")
+    if sampling_methods is not None:
+        check_sampling_methods(sampling_methods, losses)
+    stages = tuple(stages) if stages is not None else st.DEFAULT_STAGES
+    if not stages or not all(callable(s) for s in stages):
+        raise ConfigError(f"experiment.stages: expected a list of stage functions, got {stages!r}")
+    return ExperimentSpec(name, seed, dataset, score_model, shapes, score_loss, dict(losses), alpha, sampling_methods,
+                          sampler, stages, workdir, stage1_run_id, stage2_run_id, stop_after)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_network(factory: Callable[..., nn.Module], data, **kwargs) -> nn.Module:
+    """``factory(shape=data.shape, ...)`` for image networks, ``factory(dim=data.dim, ...)`` for vector ones."""
+    params = inspect.signature(inspect.unwrap(factory)).parameters
+    return factory(shape=tuple(data.shape), **kwargs) if "shape" in params else factory(dim=data.dim, **kwargs)
+
+
+def build_methods(
+    score_model: nn.Module,
+    classifiers: dict[str, nn.Module],
+    sampling_methods: dict[str, tuple[str, float]] | None,
+    alpha: float,
+    *,
+    shape: str = "",
+) -> dict[str, ModelScores]:
+    """The sampled methods: ``name -> ModelScores(score_model, classifiers[loss name], alpha)``.
+
+    Without ``sampling_methods`` every classifier is sampled under its loss's name at ``alpha``.
+    A non-empty ``shape`` is appended to every name (``base-mlp``).
+    """
+    if sampling_methods is None:
+        return {method_key(m, shape): ModelScores(score_model, c, alpha=alpha) for m, c in classifiers.items()}
+    check_sampling_methods(sampling_methods, classifiers)
+    return {
+        method_key(name, shape): ModelScores(score_model, classifiers[loss], alpha=float(a))
+        for name, (loss, a) in sampling_methods.items()
+    }
+
+
+def method_key(name: str, shape: str) -> str:
+    """A method's or classifier's name for one classifier shape: ``base-mlp`` (``base`` if unnamed)."""
+    return f"{name}-{shape}" if shape else name
+
+
+def check_sampling_methods(sampling_methods: dict, loss_names) -> None:
+    """Each entry must be ``name: (loss name from experiment.classifier_losses, alpha)``."""
+    for name, spec in sampling_methods.items():
+        ok = isinstance(spec, (tuple, list)) and len(spec) == 2 and spec[0] in loss_names
+        if not ok or isinstance(spec[1], bool) or not isinstance(spec[1], (int, float)):
+            raise ConfigError(
+                f"experiment.sampling_methods[{name!r}] = {spec!r}: expected (loss name, alpha) "
+                f"with a loss name from experiment.classifier_losses {sorted(loss_names)}"
+            )
+        if _sampling_alphas({name: spec}):
+            raise ConfigError(f"experiment.sampling_methods[{name!r}] = {spec!r}: {_sampling_alphas({name: spec})}")
+
+
+def _sampling_alphas(sampling_methods: object) -> str | None:
+    """What is wrong with the alphas of ``experiment.sampling_methods`` (each must be >= 0), or None."""
+    for name, spec in sampling_methods.items() if isinstance(sampling_methods, dict) else ():
+        if isinstance(spec, (tuple, list)) and len(spec) == 2 and cfg.finite_nonnegative(spec[1]):
+            return f"the alpha of {name!r} {cfg.finite_nonnegative(spec[1])}"
+    return None
+
+
+cfg.constrain(experiment, "alpha", cfg.finite_nonnegative)  # checked at parse time, before anything trains
+cfg.constrain(experiment, "sampling_methods", _sampling_alphas)
+
+
+def check_workdir(workdir: str) -> None:
+    """Fail now, in one line, if ``experiment.workdir`` (checkpoints, samples) cannot be created or written."""
+    path = Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".dlsm-write-test-"):
+            pass
+    except OSError as err:
+        reason = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
+        raise ConfigError(f"experiment.workdir = {workdir!r}: cannot create or write this folder ({reason}); "
+                          "bind experiment.workdir to a writable folder") from None
+
+
+def check_networks(spec: ExperimentSpec, data) -> None:
+    """Build every network once (on the CPU, in its gin scope) so that one that does not fit the data
+    fails in one line before anything is written; the stages build their own, from their own seeds."""
+    with gin.config_scope("score"):
+        build_network(spec.score_model, data)
+    with gin.config_scope("classifier"):
+        for make in spec.classifiers.values():
+            build_network(make, data, num_classes=data.num_classes)
+    for scope in ("score", "classifier"):
+        try:
+            batch = gin.query_parameter(f"{scope}/train.batch_size")
+        except ValueError:  # not bound in this scope: train's default
+            continue
+        if isinstance(batch, int) and batch > len(data):
+            raise ConfigError(f"{scope}/train.batch_size = {batch} is larger than the data ({len(data)} examples); "
+                              "lower it")
+
+
+def _stops_here(stage: Callable, stop_after: str | None) -> bool:
+    from dlsm import stages as st
+
+    last = {"stage1": st.train_score_model, "stage2": st.train_classifiers}.get(stop_after or "")
+    return last is not None and inspect.unwrap(stage) is inspect.unwrap(last)
+
+
+def run_experiment(
+    spec: ExperimentSpec,
+    *,
+    fresh: bool = False,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    on_metrics: Callable[[str, dict[str, float], int], None] | None = None,
+) -> ExperimentResult:
+    """Run (or resume) the experiment's stages in order; returns its MLflow run id and final metrics.
+
+    ``parent_run_id`` nests the run under another run (a sweep); ``on_metrics(stage, metrics, step)``
+    sees every metric as it is logged (a sweep's trial reports stage-2 curves to its scheduler)."""
+    chash = cfg.config_hash()
+    rundir = Path(spec.workdir) / spec.name / chash
+    tracker = Tracker(spec.name, on_metrics=on_metrics)
+    check_workdir(spec.workdir)
+    for key, source in (("experiment.stage1_run_id", spec.stage1_run_id),
+                        ("experiment.stage2_run_id", spec.stage2_run_id)):
+        if source:  # a wrong run id fails now, not after training the stages before it
+            tracker.check_source_run(source, key)
+    dev = device_binding()
+    seed_everything(spec.seed)
+    data = spec.dataset()  # a missing dataset fails here, before any MLflow run or checkpoint exists
+    schedule = noise_schedule(data.x)
+    check_networks(spec, data)
+    resume_id = None if fresh else tracker.unfinished_parent(chash)
+    if fresh and rundir.exists():
+        shutil.rmtree(rundir)
+    rundir.mkdir(parents=True, exist_ok=True)
+    params = cfg.bindings_as_params()
+
+    with tracker.parent(run_name or spec.name, chash, resume_id, nest_under=parent_run_id) as parent_id:
+        if resume_id:
+            print(f"dlsm: resuming run {parent_id} from {rundir}")
+        tracker.log_params({**params, "device": str(dev)})
+        tracker.log_text(gin.config_str(), "config/config.gin")
+        tracker.log_params(schedule.as_params())
+        run = Run(spec, tracker, parent_id, rundir, params, dev)
+        state = State(data, schedule)
+        for stage in spec.stages:
+            state = stage(run, state)
+            if _stops_here(stage, spec.stop_after):
+                break
+        final = {**state.metrics, **run.timings}
+        tracker.log_metrics(final)
+        tracker.log_text(gin.operative_config_str(), "config/operative_config.gin")
+    return ExperimentResult(parent_id, final)

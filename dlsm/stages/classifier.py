@@ -1,0 +1,74 @@
+"""Stage 2: one noise-conditional classifier p(y|x~; theta) per loss (and classifier shape and seed),
+trained with the score model frozen: CE (base), DLSM', or Total = DLSM' + lambda CE (ours)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gin
+from torch import nn
+
+from dlsm import config as cfg
+from dlsm.errors import ConfigError
+from dlsm.experiment import Run, State, build_network, method_key
+from dlsm.plots import training_curves_figure
+from dlsm.stages.common import fit, reuse
+
+__all__ = ["train_classifiers"]
+
+
+def _history(tracker, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every ``track/...`` metric history of a run, as (step, value) lists."""
+    keys = [k for k in tracker.client.get_run(run_id).data.metrics if k.startswith("track/")]
+    return {k: sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, k)) for k in keys}
+
+
+@gin.configurable(denylist=["run", "state"])
+def train_classifiers(
+    run: Run, state: State, *, seeds: int = 1, tracker: Callable[..., Callable[[nn.Module], dict]] | None = None,
+) -> State:
+    """Stage 2 (child runs ``stage2-{loss}[-{shape}][-seed{k}]``): for every classifier shape of
+    ``experiment.classifier`` and every loss of ``experiment.classifier_losses``, train a classifier in
+    the ``classifier/`` gin scope with the frozen score model (or load it from
+    ``experiment.stage2_run_id``). ``seeds`` trains each one that many times from different seeds
+    (the first is sampled and evaluated); ``tracker(data)`` builds a function of the classifier logged
+    every ``classifier/train.eval_every`` steps (training curves, e.g. ``@LikelihoodScoreTracker``),
+    plotted per shape as ``plots/training_curves*.png`` in the parent run."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"train_classifiers.seeds must be a positive integer, got {seeds!r}")
+    spec, data, score = run.spec, state.data, state.score_model
+    track_fn = tracker(data) if tracker is not None else None
+    runs: dict[str, list[str]] = {}  # "{loss}-{shape}" -> stage-2 run ids, one per seed
+    for shape, make in spec.classifiers.items():
+        state.classifiers.setdefault(shape, {})
+        for k, (loss_name, loss) in enumerate(spec.classifier_losses.items()):
+            key = method_key(loss_name, shape)
+            for rep in range(seeds):
+                stage = f"stage2-{key}" + (f"-seed{rep}" if seeds > 1 else "")
+                offset = 1000 * rep
+                build = lambda make=make: build_network(make, data, num_classes=data.num_classes)  # noqa: E731
+                if spec.stage2_run_id:
+                    model, losses, run_id = reuse(run, stage, build)
+                else:
+                    model, losses, run_id = fit(
+                        run, stage, "classifier", run.rundir / f"classifier-{stage[7:]}.pt", build=build,
+                        loss_fn=lambda m, x, y, s, n, loss=loss: loss(m, score, x, y, s, n), data=data,
+                        schedule=state.schedule,
+                        params={**run.params, "method": loss_name, "shape": shape, "stage2_seed": rep},
+                        seed_offset=2 + offset, train_seed_offset=21 + k + offset, stage_label=loss_name,
+                        eval_fn=track_fn,
+                    )
+                runs.setdefault(key, []).append(run_id)
+                if rep == 0:
+                    state.classifiers[shape][loss_name], state.curves[key] = model, losses
+    if track_fn is not None and not spec.stage2_run_id:
+        histories = {key: [_history(run.tracker, rid) for rid in ids] for key, ids in runs.items()}
+        for shape in spec.classifiers:
+            fig = training_curves_figure({
+                loss_name: histories[method_key(loss_name, shape)] for loss_name in spec.classifier_losses
+            }, title=shape)
+            run.tracker.log_figure(fig, f"plots/{method_key('training_curves', shape)}.png")
+    return state
+
+
+cfg.constrain(train_classifiers, "seeds", cfg.positive_int)

@@ -1,0 +1,85 @@
+"""What the training stages share: train one network in its gin scope inside a child run, or reuse one."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import gin
+from torch import nn
+
+from dlsm.experiment import Run, seed_everything
+from dlsm.plots import loss_curves
+from dlsm.training import load_ema_weights, train
+
+__all__ = ["STAGE1", "fit", "reuse"]
+
+STAGE1 = "stage1-score"
+
+
+def fit(
+    run: Run,
+    stage: str,
+    scope: str,
+    ckpt: Path,
+    *,
+    build: Callable[[], nn.Module],
+    loss_fn: Callable,
+    data,
+    schedule,
+    params: dict,
+    seed_offset: int,
+    train_seed_offset: int = 11,
+    stage_label: str = "score",
+    eval_fn: Callable | None = None,
+    snapshot_fn: Callable | None = None,
+) -> tuple[nn.Module, list[tuple[int, float]], str]:
+    """Train one network in its gin ``scope`` inside the child run ``stage``; returns
+    (EMA network, losses, MLflow run id).
+
+    Every network of a stage starts from the same seed (``seed_offset``), so methods compare fairly.
+    A stage FINISHED in MLflow whose local checkpoint is gone fetches it from its run's artifacts.
+    """
+    tracker = run.tracker
+    with tracker.stage(run.parent_id, stage) as (run_id, done):
+        t0 = time.perf_counter()
+        tracker.log_params(params)
+        seed_everything(run.seed(seed_offset))
+        with gin.config_scope(scope):
+            model = build()
+            if done and not ckpt.exists():
+                fetched = tracker.download_checkpoint(run_id, stage, ckpt.name, key=stage, require_finished=False)
+                shutil.copy(fetched, ckpt)
+            if not done:
+                n = sum(p.numel() for p in model.parameters())
+                tracker.log_params({"num_parameters": n})
+            res = train(
+                model, loss_fn, data, schedule, ckpt_path=ckpt, seed=run.seed(train_seed_offset),
+                stage=stage_label, log_fn=tracker.log_metrics, eval_fn=eval_fn, device=run.device,
+                snapshot_fn=snapshot_fn,
+            )
+        if not done:
+            tracker.log_artifact(ckpt, "checkpoints")
+            if res.losses:
+                tracker.log_figure(loss_curves({stage_label: res.losses}, stage), "plots/loss.png")
+        run.timings[f"time/{stage}_s"] = time.perf_counter() - t0
+        tracker.log_metrics({"wall_seconds": run.timings[f"time/{stage}_s"]})
+    return res.ema, res.losses, run_id
+
+
+def reuse(run: Run, stage: str, build: Callable[[], nn.Module]) -> tuple[nn.Module, list, str]:
+    """Load the EMA network of ``stage`` from the finished run named by ``experiment.stage1_run_id``
+    (stage 1) or ``experiment.stage2_run_id`` (stage-2 classifiers), recorded as a child run here."""
+    spec, tracker = run.spec, run.tracker
+    key = "experiment.stage1_run_id" if stage == STAGE1 else "experiment.stage2_run_id"
+    source = spec.stage1_run_id if stage == STAGE1 else spec.stage2_run_id
+    name = "score.pt" if stage == STAGE1 else f"classifier-{stage.removeprefix('stage2-')}.pt"
+    with tracker.stage(run.parent_id, stage) as (run_id, _):
+        tracker.log_params({**run.params, f"reused_{key.split('.')[1]}": source})
+        seed_everything(run.seed(1))
+        with gin.config_scope("score" if stage == STAGE1 else "classifier"):
+            model = build()
+        ema = load_ema_weights(model, tracker.download_checkpoint(source, stage, name, key=key))
+    return ema.to(run.device), [], run_id

@@ -1,0 +1,73 @@
+"""Evaluation and figures: metric suites ``suite(evaluation) -> {name: value}`` and figure functions
+``figure(evaluation) -> matplotlib figure``, each stage a child run (``evaluation``, ``figures``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import gin
+
+from dlsm.experiment import Run, State, method_key
+from dlsm.metrics import Evaluation, classifier_metrics, sample_metrics
+from dlsm.plots import loss_curves
+
+__all__ = ["evaluate", "figures"]
+
+
+def _evaluation(run: Run, state: State) -> Evaluation:
+    flat = {method_key(n, shape): c for shape, per in state.classifiers.items() for n, c in per.items()}
+    return Evaluation(state.data, state.schedule, state.methods(run.spec), flat, samples=state.samples,
+                      oracle=state.oracle, seed=run.seed(31))
+
+
+@gin.configurable(denylist=["run", "state"])
+def evaluate(run: Run, state: State, *, suites: Sequence[Callable] = (classifier_metrics, sample_metrics)) -> State:
+    """Evaluation (child run ``evaluation``): every metric suite on the methods, classifiers and samples;
+    the metrics go to this run and, at the end, to the parent run."""
+    with run.tracker.stage(run.parent_id, "evaluation"):
+        t0 = time.perf_counter()
+        ev = _evaluation(run, state)
+        for suite in suites:
+            state.metrics.update(suite(ev))
+        run.tracker.log_metrics(state.metrics)
+        run.timings["time/evaluation_s"] = time.perf_counter() - t0
+        run.tracker.log_metrics({"wall_seconds": run.timings["time/evaluation_s"]})
+    return state
+
+
+def _shape_view(ev: Evaluation, shape: str, shapes: dict) -> Evaluation:
+    """The evaluation as seen by one classifier shape: its methods (suffix dropped) plus the
+    shape-free ones (posterior SM, oracle), for per-shape figures."""
+    if len(shapes) == 1:
+        return ev
+    suffix = f"-{shape}"
+    others = tuple(f"-{s}" for s in shapes)
+    full_names = {}
+    for name in ev.methods:
+        if name.endswith(suffix):
+            full_names[name.removesuffix(suffix)] = name
+        elif not name.endswith(others):
+            full_names[name] = name
+    keep = {short: ev.methods[full] for short, full in full_names.items()}
+    samples = {short: ev.samples[full] for short, full in full_names.items() if full in ev.samples}
+    return replace(ev, methods=keep, samples=samples)
+
+
+@gin.configurable(denylist=["run", "state"])
+def figures(run: Run, state: State, *, plots: Sequence[Callable] = ()) -> State:
+    """Figures (child run ``figures``): each figure function once per classifier shape, as
+    ``plots/{figure}[-{shape}].png``, and the stage-2 loss curves (``plots/stage2_losses.png``)."""
+    with run.tracker.stage(run.parent_id, "figures"):
+        t0 = time.perf_counter()
+        ev = _evaluation(run, state)
+        for fig_fn in plots:
+            name = getattr(fig_fn, "__name__", "figure")
+            for shape in run.spec.classifiers:
+                run.tracker.log_figure(fig_fn(_shape_view(ev, shape, run.spec.classifiers)),
+                                       f"plots/{method_key(name, shape)}.png")
+        if any(state.curves.values()):
+            run.tracker.log_figure(loss_curves(state.curves, "stage 2: classifier losses"), "plots/stage2_losses.png")
+        run.timings["time/figures_s"] = time.perf_counter() - t0
+    return state

@@ -1,0 +1,191 @@
+"""Sampling: class-conditional generation with the posterior score s(x; phi) + alpha grad log p(y|x; theta)
+for every method (base, scaling, ours, ...), on the experiment's device; samples saved and logged.
+
+Point data (moons) are saved as ``samples/samples-{method}.npz`` with one float array ``c{k}`` per
+class. Images are saved once as uint8, ``x`` of shape (N, C, H, W) with their labels ``y``, plus a
+PNG grid per method (``images/grid-{method}.png``, a row per class) and the paper's Figure 3 layout
+(``images/figure3.png``: the methods side by side for the same classes and starting noise).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+
+import gin
+import numpy as np
+import torch
+
+from dlsm import config as cfg
+from dlsm.device import make_generator
+from dlsm.errors import ConfigError
+from dlsm.experiment import Run, State
+from dlsm.plots import paper_order
+from dlsm.samplers import prior_sample
+
+__all__ = ["class_counts", "image_grid", "parzen_oracle", "sample", "sample_class", "sample_grid_snapshot"]
+
+
+def _is_image(data) -> bool:
+    return len(tuple(data.shape)) == 3
+
+
+def sample_class(
+    sampler: Callable, score_fn, schedule, shape: tuple[int, ...], n: int, *, seed: int, device: torch.device,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """``n`` samples of one class in batches of ``batch_size``: x_0 ~ N(0, sigma_max^2 I) then ``sampler``,
+    every random number from one generator on ``device`` seeded with ``seed``."""
+    gen = make_generator(seed, device)
+    kwargs = {}
+    if "eps" in inspect.signature(inspect.unwrap(sampler)).parameters:  # Langevin: step settings of the schedule
+        kwargs = {"eps": schedule.eps, "n_steps_each": schedule.n_steps_each}
+    out = []
+    for start in range(0, n, batch_size or n):
+        m = min(batch_size or n, n - start)
+        x0 = prior_sample((m, *shape), schedule.sigma_max, generator=gen, device=device)
+        out.append(sampler(score_fn, x0, schedule.sigmas, generator=gen, **kwargs))
+    return torch.cat(out)
+
+
+def class_counts(data, n_per_class: int | dict | None) -> list[int]:
+    """M_i, the number of samples of class i: the class's count in the training data (None), one number
+    for every class, or a dict ``{class: count}``."""
+    if n_per_class is None:
+        return [int((data.y == c).sum()) for c in range(data.num_classes)]
+    if isinstance(n_per_class, dict):
+        missing = [c for c in range(data.num_classes) if c not in n_per_class]
+        if missing:
+            raise ConfigError(f"sample.n_per_class: no count for classes {missing}")
+        counts = [n_per_class[c] for c in range(data.num_classes)]
+    else:
+        counts = [n_per_class] * data.num_classes
+    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in counts):
+        raise ConfigError(f"sample.n_per_class must be positive integers (or None), got {n_per_class!r}")
+    return counts
+
+
+def image_grid(images: dict[int, torch.Tensor], n_cols: int = 10):
+    """A PNG-ready grid (H, W, C uint8 numpy) of uint8 images ``{class: (M, C, H, W)}``: a row per class."""
+    from torchvision.utils import make_grid
+
+    rows = [imgs[:n_cols] for _, imgs in sorted(images.items())]
+    n_cols = min(n_cols, min(len(r) for r in rows))
+    tiles = torch.cat([r[:n_cols] for r in rows]).cpu()
+    grid = make_grid(tiles, nrow=n_cols, padding=1, pad_value=255)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def _log_png(run: Run, array: np.ndarray, name: str, title: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = array.shape[:2]
+    fig, ax = plt.subplots(figsize=(max(3.0, w / 40), max(3.0, h / 40) + (0.4 if title else 0)))
+    ax.imshow(array.squeeze(-1) if array.shape[-1] == 1 else array, cmap="gray", vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    run.tracker.log_figure(fig, name)
+
+
+@gin.configurable(denylist=["run", "state"])
+def parzen_oracle(run: Run, state: State) -> State:
+    """The Parzen-window oracle of the training data (method (e) of the DLSM paper's moons table): exact
+    prior, likelihood and posterior scores of the noisy empirical distribution, in float64. Sampled
+    as the method ``oracle`` and the reference of the score-error metrics. Small data only."""
+    from dlsm.oracle import OracleScores
+
+    data = state.data
+    state.oracle = OracleScores(data.x, data.y)
+    state.extra_methods["oracle"] = state.oracle
+    return state
+
+
+@gin.configurable(denylist=["run", "state"])
+def sample(
+    run: Run, state: State, *, n_per_class: int | dict | None = None, batch_size: int | None = None,
+    same_noise: bool = False, grid_columns: int = 10,
+) -> State:
+    """Sampling (child run ``sampling``): M_i = ``n_per_class`` samples of every class i for every method
+    (default: the class's count in the training data), in batches of ``batch_size`` (default: a class
+    at once), with ``experiment.sampler`` on the device. The generator of method j and class c is
+    seeded with seed + 41 + 100 j + c, or seed + 41 + c for every method with ``same_noise`` (the same
+    starting noise and Langevin noise for base, scaling and ours: the paper's Figure 3)."""
+    spec, data, schedule = run.spec, state.data, state.schedule
+    counts = class_counts(data, n_per_class)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"sample.batch_size must be a positive integer or None, got {batch_size!r}")
+    image = _is_image(data)
+    with run.tracker.stage(run.parent_id, "sampling"):
+        t0 = time.perf_counter()
+        run.tracker.log_params({**run.params, "alpha": spec.alpha, "n_per_class": str(counts)})
+        for j, (name, scores) in enumerate(state.methods(spec).items()):
+            state.samples[name] = {
+                c: sample_class(spec.sampler, scores.posterior_fn(c), schedule, tuple(data.shape), counts[c],
+                                seed=run.seed(41 + (0 if same_noise else 100 * j) + c), device=run.device,
+                                batch_size=batch_size).cpu()
+                for c in range(data.num_classes)
+            }
+            path = run.rundir / f"samples-{name}.npz"
+            if image:
+                x = torch.cat([data.decode(s) for s in state.samples[name].values()])
+                y = torch.cat([torch.full((len(s),), c) for c, s in state.samples[name].items()])
+                np.savez_compressed(path, x=x.numpy(), y=y.numpy())
+                grids = {c: data.decode(s) for c, s in state.samples[name].items()}
+                _log_png(run, image_grid(grids, grid_columns), f"images/grid-{name}.png", name)
+            else:
+                np.savez_compressed(path, **{f"c{c}": x.numpy() for c, x in state.samples[name].items()})
+            run.tracker.log_artifact(path, "samples")
+        if image:
+            _figure3(run, state, min(grid_columns, 4))
+        run.timings["time/sampling_s"] = time.perf_counter() - t0
+        run.tracker.log_metrics({"wall_seconds": run.timings["time/sampling_s"]})
+    return state
+
+
+def _counts_ok(value: object) -> str | None:
+    values = value.values() if isinstance(value, dict) else [value]
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    return "must be a positive integer, a dict {class: positive integer}, or None" if value is not None and bad \
+        else None
+
+
+cfg.constrain(sample, "n_per_class", _counts_ok)  # checked when the config is parsed, before anything trains
+cfg.constrain(sample, "batch_size", lambda v: None if v is None else cfg.positive_int(v))
+
+
+def _figure3(run: Run, state: State, n_cols: int) -> None:
+    """The paper's Figure 3 layout: base | scaling | ours (whichever are sampled), same classes, side by side."""
+    names = [n for n in paper_order(state.samples) if n in state.samples]
+    panels = [image_grid({c: state.data.decode(s) for c, s in state.samples[n].items()}, n_cols) for n in names]
+    if not panels:
+        return
+    h = min(p.shape[0] for p in panels)
+    gap = np.full((h, 6, panels[0].shape[2]), 255, dtype=np.uint8)
+    row = np.concatenate([x for p in panels for x in (p[:h], gap)][:-1], axis=1)
+    _log_png(run, row, "images/figure3.png", "   |   ".join(names))
+
+
+@gin.configurable(denylist=["run", "state"])
+def sample_grid_snapshot(run: Run, state: State, *, n: int = 16, seed: int = 7) -> Callable:
+    """A function ``(ema_score_model, step)`` that samples ``n`` unconditional images from the EMA score
+    model with ``experiment.sampler`` and logs their grid as ``images/snapshot-{step}.png`` in the current
+    (stage 1) run: a long run can be watched in the MLflow UI. Bind as ``train_score_model.snapshot``
+    and set ``score/train.snapshot_every``."""
+    spec, data, schedule = run.spec, state.data, state.schedule
+    if not _is_image(data):
+        raise ConfigError("sample_grid_snapshot needs image data; unbind train_score_model.snapshot")
+
+    def snapshot(model, step: int) -> None:
+        with torch.no_grad():
+            x = sample_class(spec.sampler, lambda x, s: model(x, s), schedule, tuple(data.shape), n,
+                             seed=run.seed(seed), device=run.device)
+        _log_png(run, image_grid({0: data.decode(x.cpu())}, n_cols=n), f"images/snapshot-{step:07d}.png",
+                 f"step {step}")
+
+    return snapshot

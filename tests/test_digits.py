@@ -1,0 +1,143 @@
+"""Images end to end: ``gin/digits.gin`` under ``gin/smoke.gin`` through ``python -m dlsm.launch`` (every child
+run, the uint8 samples, the grids), and the image experiment's bad input (one line, nothing half-written)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS, SMOKE = str(ROOT / "gin" / "digits.gin"), str(ROOT / "gin" / "smoke.gin")
+STAGES = {"stage1-score", "stage2-ce", "stage2-total", "sampling", "evaluation", "figures"}
+
+
+def launch(cwd: Path, *params: str, env: dict | None = None, timeout: int = 300):
+    cmd = [sys.executable, "-m", "dlsm.launch", "--gin", DIGITS, "--gin", SMOKE]
+    cmd += [x for p in params for x in ("--gin_param", p)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def artifacts(c, run_id: str, path: str = "") -> set[str]:
+    out: set[str] = set()
+    for f in c.list_artifacts(run_id, path):
+        out |= artifacts(c, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("digits")
+    t0 = time.time()
+    proc = launch(cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.time() - t0 < 180  # gin/smoke.gin: well under 3 minutes with start-up
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("digits")
+    (parent,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'parent'")
+    kids = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return cwd, c, parent, {k.data.tags["dlsm.stage"]: k for k in kids}
+
+
+def test_digits_smoke_runs_every_stage_as_a_child_run(digits_run):
+    _, c, parent, kids = digits_run
+    assert parent.info.status == "FINISHED" and set(kids) == STAGES
+    assert all(k.info.status == "FINISHED" for k in kids.values())
+    assert parent.data.params["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    # the networks' sizes are logged with the stage that trains them (smoke widths: ScoreUNet channels 8)
+    from dlsm.nets import ConvClassifier, ScoreUNet
+
+    unet = ScoreUNet((1, 8, 8), channels=8, channel_mult=(1, 2), num_res_blocks=1)
+    assert int(kids["stage1-score"].data.params["num_parameters"]) == unet.num_parameters()
+    clf = ConvClassifier((1, 8, 8), 10, channels=(8, 16), norm="group")
+    assert int(kids["stage2-total"].data.params["num_parameters"]) == clf.num_parameters()
+    # stage 1 logged sample-grid snapshots from its EMA model every score/train.snapshot_every = 10 steps
+    snapshots = {"images/snapshot-0000010.png", "images/snapshot-0000020.png"}
+    assert snapshots <= artifacts(c, kids["stage1-score"].info.run_id)
+    final = kids["evaluation"].data.metrics
+    for key in ("ce/acc/s0.5", "total/ce/s1", "ours/c3/precision", "base/c0/sw1", "scaling/c9/recall"):
+        assert math.isfinite(final[key]), key
+
+
+def test_digits_samples_are_uint8_images_with_labels_and_grids(digits_run, tmp_path):
+    _, c, _, kids = digits_run
+    from PIL import Image
+
+    sampling = kids["sampling"].info.run_id
+    arts = artifacts(c, sampling)
+    assert {f"samples/samples-{m}.npz" for m in ("base", "scaling", "ours")} <= arts
+    assert {"images/grid-base.png", "images/grid-scaling.png", "images/grid-ours.png", "images/figure3.png"} <= arts
+    for m in ("base", "scaling", "ours"):
+        z = np.load(c.download_artifacts(sampling, f"samples/samples-{m}.npz", str(tmp_path)))
+        assert z["x"].dtype == np.uint8 and z["x"].shape == (80, 1, 8, 8)  # smoke: 8 per class, 10 classes
+        assert np.bincount(z["y"]).tolist() == [8] * 10
+        assert z["x"].std() > 0  # not a constant image
+    for name in ("images/grid-ours.png", "images/figure3.png"):
+        with Image.open(c.download_artifacts(sampling, name, str(tmp_path))) as im:
+            im.load()
+            lo, hi = im.convert("L").getextrema()
+            assert im.format == "PNG" and im.size[0] >= 200 and hi - lo > 50
+
+
+def test_same_noise_gives_base_and_scaling_the_same_start(digits_run, tmp_path):
+    """sample.same_noise: base and scaling share every random number; with alpha 1 vs 10 they still differ."""
+    _, c, _, kids = digits_run
+    sampling = kids["sampling"].info.run_id
+    base, scaling = (np.load(c.download_artifacts(sampling, f"samples/samples-{m}.npz", str(tmp_path)))["x"]
+                     for m in ("base", "scaling"))
+    assert not np.array_equal(base, scaling)
+
+
+def _one_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dlsm: error:"), proc.stderr[-2000:]
+    return lines[0]
+
+
+def _nothing_written(cwd: Path) -> None:
+    assert not list(cwd.rglob("*.pt")) and not list(cwd.rglob("*.npz"))
+    db = cwd / "mlruns" / "mlflow.db"
+    if db.exists():
+        from mlflow.tracking import MlflowClient
+
+        c = MlflowClient(f"sqlite:///{db}")
+        exps = [e.experiment_id for e in c.search_experiments()]
+        assert not c.search_runs(exps)  # no MLflow run was started
+
+
+def test_cifar_offline_is_one_line_naming_the_folder_and_layout(tmp_path):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    t0 = time.time()
+    proc = launch(tmp_path, "experiment.dataset = @cifar10", env={"DATA_ROOT": str(empty)})
+    line = _one_line(proc)
+    assert str(empty) in line and "cifar-10-batches-py/" in line and time.time() - t0 < 30
+    _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(("params", "expected"), [
+    (["digits.size = 12", "ScoreUNet.channel_mult = (1, 2, 2, 2)"], "ScoreUNet"),  # 12 is not divisible by 8
+    (["score/train.batch_size = 5000"], "score/train.batch_size = 5000 is larger than the data (1437 examples)"),
+    (["DATA_ROOT_MISSING = 1"], "no binding uses %DATA_ROOT_MISSING"),
+])
+def test_bad_image_input_is_one_line_and_writes_nothing(tmp_path, params, expected):
+    proc = launch(tmp_path, *params)
+    assert expected in _one_line(proc)
+    _nothing_written(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
+    line = _one_line(launch(tmp_path, "DEVICE = 'cuda'"))
+    assert "device = 'cuda' but no CUDA GPU is visible" in line
+    _nothing_written(tmp_path)
