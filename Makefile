@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m dlsm.launch --gin gin/moons.gin
 
-# DLSM paper Table 1, Figures 1 and 5 on moons (~18 min on 2 CPU cores), then docs/results/moons.md
+# DLSM paper Table 1, Figures 1 and 5 on moons (~9 min on 2 CPU cores, measured 2026-12-02), then docs/results/moons.md
 reproduce-moons: $(STAMP)
 	$(PY) -m dlsm.launch --fresh --gin gin/moons_table1.gin
 	$(PY) -m dlsm.launch --fresh --gin gin/moons_ablation.gin

@@ -1,6 +1,6 @@
 """Metrics: plain functions of point sets and score functions, plus gin-bindable metric suites.
 
-A metric suite is ``suite(evaluation) -> dict[str, float]``; ``experiment.metrics`` lists the suites
+A metric suite is ``suite(evaluation) -> dict[str, float]``; ``evaluate.suites`` lists the suites
 to run. Keys read ``{method}/c{class}/{metric}`` (``/s{sigma}`` appended for per-sigma metrics).
 
 k-NN precision/recall and sliced Wasserstein are written here rather than taken from torchmetrics:
@@ -237,8 +237,9 @@ def classifier_metrics(
         x = ev.data.x[idx] + sigma * torch.randn(ev.data.x[idx].shape, generator=g)
         y = ev.data.y[idx]
         for name, clf in ev.classifiers.items():
+            dev = next(clf.parameters()).device  # the experiment's device; the data stay on the CPU
             with torch.no_grad():
-                logits = clf(x, sigma)
+                logits = clf(x.to(dev), sigma).cpu()
             out[f"{name}/ce/s{sigma:g}"] = float(nn.functional.cross_entropy(logits, y))
             out[f"{name}/acc/s{sigma:g}"] = float((logits.argmax(1) == y).double().mean())
     return out

@@ -17,18 +17,19 @@ scheduler, retries, metric), so a gin file can declare them too.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import gin
 
 from dlsm.cluster import connect, preflight
 from dlsm.errors import ConfigError, DlsmError, print_error
+from dlsm.sweep_results import SweepResult, class_mean, collect, metric_plot, table_text
+from dlsm.sweep_trial import binding, run_trial
 
-__all__ = ["SweepResult", "SweepSettings", "run_sweep", "sweep"]
+__all__ = ["SweepResult", "SweepSettings", "class_mean", "run_sweep", "sweep"]
 
 SHARE = ("stage1", "stage2", "none")
 
@@ -91,94 +92,6 @@ def _format_value(v: str) -> object:
         return v
 
 
-def _binding(param: str, value: object) -> str:
-    return f"{param} = {value!r}"
-
-
-def class_mean(metrics: dict[str, float], key: str) -> float | None:
-    """``key`` itself, or the mean of ``{method}/c*/{rest}`` for ``key = {method}/{rest}``."""
-    if key in metrics:
-        return metrics[key]
-    method, _, rest = key.partition("/")
-    vals = [v for k, v in metrics.items() if k.startswith(f"{method}/c") and k.split("/", 2)[1][1:].isdigit()
-            and k.split("/", 2)[2] == rest]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _trial(trial_config: dict, setup: dict) -> None:
-    """One Ray Tune trial: parse gin here (per process), run the experiment, report metrics.
-
-    ``trial_config`` is Tune's (the swept value); ``setup`` is what every trial shares."""
-    config = {**setup, **trial_config}
-    os.environ.update(config["env"])
-    os.chdir(config["cwd"])
-    import torch
-    from ray import tune
-
-    torch.set_num_threads(max(1, int(config["threads"])))
-
-    from dlsm import components  # noqa: F401
-    from dlsm.config import parse_config
-    from dlsm.experiment import experiment, run_experiment
-
-    gin.clear_config()
-    value = config["value"]
-    params = [*config["gin_params"], _binding(config["param"], value), *config["shared_bindings"]]
-    parse_config(config["gin_files"], params)
-    spec = experiment()
-    metric, every = config["metric"], config["report_every"]
-    count: dict[str, object] = {"n": 0, "last": None}
-
-    def on_metrics(stage: str, metrics: dict[str, float], step: int) -> None:
-        # stage-2 training metrics as they are logged, for schedulers such as ASHA
-        if not stage.startswith("stage2-"):
-            return
-        loss = stage.removeprefix("stage2-").split("-")[0]
-        named = {f"{loss}/{k.removeprefix(loss + '/')}": v for k, v in metrics.items()}
-        if metric in named:
-            count["n"] = int(count["n"]) + 1
-            count["last"] = named[metric]
-            if int(count["n"]) % every == 0:
-                import mlflow
-
-                run_id = mlflow.active_run().data.tags.get("mlflow.parentRunId", "")
-                tune.report({metric: named[metric], "step": step, "value": value, "mlflow_run_id": run_id})
-
-    t0 = time.perf_counter()
-    done = _finished_trial(spec.name, config["sweep_run_id"])
-    if done is not None:  # finished before an interruption, but Tune had not recorded it: report it again
-        result = done
-    else:
-        result = run_experiment(spec, parent_run_id=config["sweep_run_id"], run_name=f"{config['param']}={value}",
-                                on_metrics=on_metrics)
-    _tag_cluster(result.run_id)
-    score = class_mean(result.metrics, metric)
-    if score is None:  # a training metric: its last value
-        score = count["last"]
-    # only the sweep's own columns go to Tune; every metric of the trial is in its MLflow run
-    tune.report({metric: score if score is not None else math.nan, "value": value,
-                 "trial_compute_s": time.perf_counter() - t0, "mlflow_run_id": result.run_id})
-
-
-def _tag_cluster(run_id: str) -> None:
-    """Record on the trial's MLflow run which Ray cluster (GCS address) and node ran it."""
-    import ray
-    from mlflow.tracking import MlflowClient
-
-    ctx = ray.get_runtime_context()
-    client = MlflowClient()
-    client.set_tag(run_id, "dlsm.ray_cluster", ctx.gcs_address)
-    client.set_tag(run_id, "dlsm.ray_node", ctx.get_node_id())
-
-
-@dataclass
-class SweepResult:
-    rows: list[dict] = field(default_factory=list)  # one per trial: value, metric, status, run id
-    failed: int = 0
-    run_id: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-
-
 def run_sweep(
     gin_files: Sequence[str],
     gin_params: Sequence[str],
@@ -213,7 +126,7 @@ def run_sweep(
     labels = [f"--gin_param {b!r}" for b in gin_params]
     for raw, v in reversed(list(zip(values, parsed, strict=True))):  # the first value is parsed last, and kept
         try:
-            parse_config(list(gin_files), [*gin_params, _binding(param, v)],
+            parse_config(list(gin_files), [*gin_params, binding(param, v)],
                          labels=[*labels, f"--param {param} --values {raw}"])
             settings = call_configurable(sweep)
             spec = call_configurable(experiment)
@@ -240,7 +153,7 @@ def run_sweep(
     shared: list[str] = []
     if share != "none":
         gin.clear_config()
-        parse_config(list(gin_files), [*gin_params, _binding(param, parsed[0]), f"experiment.stop_after = '{share}'"])
+        parse_config(list(gin_files), [*gin_params, binding(param, parsed[0]), f"experiment.stop_after = '{share}'"])
         t0 = time.perf_counter()
         base_id = _finished_run(Tracker(spec.name), config_hash())  # same shared config: reuse it
         if base_id is None:
@@ -283,7 +196,7 @@ def run_sweep(
                 "report_every": settings.report_every, "sweep_run_id": sweep_run_id, "env": env, "cwd": str(cwd),
                 "threads": settings.cpus_per_trial,
             }
-            trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), resources)
+            trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
             space = {"value": tune.grid_search(parsed)}
             if resume and tune.Tuner.can_restore(str(exp_dir)):
                 tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
@@ -300,21 +213,21 @@ def run_sweep(
             t0 = time.perf_counter()
             grid = tuner.fit()
             timings["tune_fit_s"] = time.perf_counter() - t0
-            out = _collect(grid, settings)
+            out = collect(grid, settings)
             out.run_id = sweep_run_id
             # Tune catches Ctrl-C itself and returns the partial grid: treat that as an interruption
             stopped = [r for r in out.rows if r["status"] == "stopped early"]
             if len(out.rows) < len(parsed) or (settings.scheduler == "grid" and stopped):
-                print(_table_text(out.rows, param, settings.metric))
+                print(table_text(out.rows, param, settings.metric))
                 raise KeyboardInterrupt
             _close_stopped_runs(tracker, [r["run_id"] for r in out.rows if r["status"] == "stopped early"])
             ok = [r for r in out.rows if r["status"] == "ok" and math.isfinite(r["metric"])]
             if ok:
-                tracker.log_figure(_metric_plot(ok, param, settings.metric), "plots/metric_vs_value.png")
+                tracker.log_figure(metric_plot(ok, param, settings.metric), "plots/metric_vs_value.png")
                 best = ok[0]
                 tracker.log_metrics({f"best/{settings.metric}": best["metric"], "best/value": float(best["value"])
                                      if isinstance(best["value"], (int, float)) else math.nan})
-            tracker.log_text(_table_text(out.rows, param, settings.metric), "results.md")
+            tracker.log_text(table_text(out.rows, param, settings.metric), "results.md")
             timings["total_s"] = time.perf_counter() - t_start
             out.timings = timings
             tracker.log_metrics({f"time/{k}": v for k, v in timings.items()} | {"failed_trials": out.failed})
@@ -333,20 +246,6 @@ class _AllFailed(DlsmError):
         super().__init__(f"every trial of the sweep failed ({result.failed} of {len(result.rows)}); first error: "
                          f"{errors[0] if errors else 'unknown'}")
         self.result = result
-
-
-def _finished_trial(experiment_name: str, sweep_run_id: str):
-    """This trial's run under the sweep if it already FINISHED (same gin configuration), else None."""
-    from dlsm.config import config_hash
-    from dlsm.experiment import ExperimentResult
-    from dlsm.tracking import Tracker
-
-    tracker = Tracker(experiment_name)
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id],
-        filter_string=f"tags.`dlsm.config_hash` = '{config_hash()}' and tags.`mlflow.parentRunId` = "
-                      f"'{sweep_run_id}' and attributes.status = 'FINISHED'", max_results=1)
-    return ExperimentResult(runs[0].info.run_id, dict(runs[0].data.metrics)) if runs else None
 
 
 def _finished_run(tracker, chash: str) -> str | None:
@@ -374,55 +273,6 @@ def _unfinished_sweep(tracker, sweep_name: str) -> str | None:
         [tracker.experiment_id], filter_string=f"tags.`dlsm.config_hash` = 'sweep:{sweep_name}'",
         order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
-
-
-def _collect(grid, settings: SweepSettings) -> SweepResult:
-    out = SweepResult()
-    for res in grid:
-        value = res.config.get("value") if res.config else None
-        metrics = res.metrics or {}
-        if res.error is not None:
-            out.failed += 1
-            first = str(res.error).strip().splitlines()
-            msg = next((ln for ln in reversed(first) if "Error" in ln), first[-1] if first else "error")
-            out.rows.append({"value": value, "metric": math.nan, "status": "failed", "error": msg[:300],
-                             "run_id": metrics.get("mlflow_run_id", "")})
-            continue
-        m = metrics.get(settings.metric, math.nan)
-        stopped = "trial_compute_s" not in metrics  # a scheduler stopped it before its final report
-        out.rows.append({"value": value, "metric": float(m) if m is not None else math.nan,
-                         "status": "stopped early" if stopped else "ok", "run_id": metrics.get("mlflow_run_id", ""),
-                         "compute_s": metrics.get("trial_compute_s", math.nan),
-                         "ray_s": metrics.get("time_total_s", math.nan)})
-    sign = 1 if settings.mode == "min" else -1
-    out.rows.sort(key=lambda r: (r["status"] != "ok", sign * r["metric"] if math.isfinite(r["metric"]) else math.inf))
-    return out
-
-
-def _table_text(rows: list[dict], param: str, metric: str) -> str:
-    lines = [f"| {param} | {metric} | status | MLflow run |", "|---|---|---|---|"]
-    for r in rows:
-        m = f"{r['metric']:.4g}" if math.isfinite(r["metric"]) else "–"
-        lines.append(f"| {r['value']} | {m} | {r['status']}{': ' + r['error'] if r.get('error') else ''} "
-                     f"| {r.get('run_id', '')} |")
-    return "\n".join(lines)
-
-
-def _metric_plot(rows: list[dict], param: str, metric: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    numeric = all(isinstance(r["value"], (int, float)) for r in rows)
-    pts = sorted(rows, key=lambda r: r["value"]) if numeric else rows
-    fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
-    xs = [r["value"] if numeric else str(r["value"]) for r in pts]
-    ax.plot(xs, [r["metric"] for r in pts], "o-")
-    if numeric and all(x > 0 for x in xs) and max(xs) / min(xs) > 10:
-        ax.set_xscale("log")
-    ax.set(xlabel=param, ylabel=metric, title=f"sweep of {param}")
-    return fig
 
 
 def main(argv: Sequence[str] | None = None, *, param: str | None = None, values: Sequence[str] = (),
@@ -455,7 +305,7 @@ def main(argv: Sequence[str] | None = None, *, param: str | None = None, values:
                         values=args.values, share=args.share, address=args.address, resume=args.resume,
                         storage=args.storage)
     except _AllFailed as err:
-        print(_table_text(err.result.rows, args.param, sweep().metric))
+        print(table_text(err.result.rows, args.param, sweep().metric))
         return print_error(err)
     except DlsmError as err:
         if args.traceback:
@@ -464,7 +314,7 @@ def main(argv: Sequence[str] | None = None, *, param: str | None = None, values:
     except KeyboardInterrupt:
         print("dlsm: interrupted; rerun with --resume to continue the sweep", file=sys.stderr)
         return 130
-    print(_table_text(res.rows, args.param, sweep().metric))
+    print(table_text(res.rows, args.param, sweep().metric))
     print(f"MLflow sweep run {res.run_id}; {res.failed} of {len(res.rows)} trials failed; "
           + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items()))
     return 0

@@ -278,6 +278,10 @@ class Tracker:
         mlflow.log_figure(fig, artifact_file)
         plt.close(fig)
 
+    def log_image(self, image, artifact_file: str) -> None:
+        """A PIL image or uint8 array as a PNG artifact (sample grids)."""
+        mlflow.log_image(image, artifact_file=artifact_file)
+
     def check_source_run(self, run_id: str, key: str) -> None:
         """Fail now (not after training the stages before it) if ``key`` names no run of this store."""
         try:

@@ -15,7 +15,6 @@ import contextlib
 import math
 import os
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,12 +23,19 @@ from pathlib import Path
 import gin
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from dlsm.checkpoints import (  # noqa: F401  (re-exported: the trainer's checkpoint API)
+    ema_model,
+    load_checkpoint,
+    load_ema_weights,
+    load_into,
+    restore_generator,
+    save_checkpoint,
+)
 from dlsm.data import LabelledData
 from dlsm.device import make_generator, resolve_device
-from dlsm.errors import CheckpointError, ConfigError, NonFiniteLossError
+from dlsm.errors import ConfigError, NonFiniteLossError
 from dlsm.schedules import NoiseSchedule
 
 __all__ = [
@@ -98,51 +104,6 @@ def draw_sigmas(
     return _sigma_sampler(schedule, distribution, torch.device(device))(n, generator)
 
 
-def ema_model(model: nn.Module, decay: float) -> AveragedModel:
-    """Exponential moving average of the weights and buffers (NCSNv2 Technique 5)."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write ``state`` atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint with ``weights_only=True``; any failure is a one-line CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated or not a torch file
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable ({type(err).__name__}); delete it or relaunch with --fresh"
-        ) from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a dlsm checkpoint (no 'model' entry)")
-    return state
-
-
-def _load_into(module: nn.Module, weights: dict, path: Path, what: str) -> None:
-    try:
-        module.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not match the {what}: {first}") from None
-
-
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -178,17 +139,6 @@ def warmup_factor(step: int, warmup: int) -> float:
     ``warmup = 0`` means no warm-up (factor 1).
     """
     return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
-
-
-def _restore_generator(gen: torch.Generator, state: dict, path: Path) -> None:
-    try:
-        gen.set_state(state["generator"])
-    except (RuntimeError, TypeError, ValueError):
-        was = state.get("device", "cpu")  # checkpoints written before train.device existed were all CPU runs
-        raise CheckpointError(
-            f"checkpoint {path} holds the random-number state of a {was} run, which a {gen.device.type} "
-            f"generator cannot continue; set train.device to {was!r} to resume it, or relaunch with --fresh"
-        ) from None
 
 
 def _compile(model: nn.Module) -> nn.Module:
@@ -326,10 +276,10 @@ def train(
     step = 0
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        _load_into(model, state["model"], ckpt_path, f"{stage} model")
-        _load_into(ema, state["ema"], ckpt_path, f"{stage} EMA model")
+        load_into(model, state["model"], ckpt_path, f"{stage} model")
+        load_into(ema, state["ema"], ckpt_path, f"{stage} EMA model")
         opt.load_state_dict(state["optimizer"])
-        _restore_generator(gen, state, ckpt_path)
+        restore_generator(gen, state, ckpt_path)
         step = int(state["step"])
         # checkpoints from before train.warmup hold no base rates: their optimizer's rates are the base rates
         base_lrs = list(state.get("base_lrs") or [float(g["lr"]) for g in opt.param_groups])
@@ -444,13 +394,3 @@ def train(
     model.eval()
     ema.module.eval()
     return TrainResult(model=model, ema=ema.module, step=step, losses=losses)
-
-
-def load_ema_weights(module: nn.Module, path: str | os.PathLike, *, decay: float = 0.999) -> nn.Module:
-    """Load the EMA weights of a dlsm checkpoint into ``module`` (for reuse of a finished stage)."""
-    path = Path(path)
-    state = load_checkpoint(path)
-    ema = ema_model(module, decay)
-    _load_into(ema, state["ema"], path, "EMA model")
-    ema.module.eval()
-    return ema.module

@@ -21,18 +21,13 @@ from dlsm.cluster import LOCAL_ENV, is_loopback_address, ray_env
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TINY = [
-    "score/train.n_iters = 40", "classifier/train.n_iters = 20", "score/train.batch_size = 64",
-    "classifier/train.batch_size = 64", "score/train.log_every = 10", "classifier/train.log_every = 10",
-    "NUM_SCALES = 6", "STEPS_PER_SCALE = 1", "sample.n_per_class = 32", "two_moons.n = 300",
-    "score_error_metrics.n_points = 32", "score_error_metrics.grid_size = 6", "classifier_metrics.n_points = 32",
-    "posterior_field_figure.grid = 5", "sweep.cpus_per_trial = 1",
-]
+TINY = ["sweep.cpus_per_trial = 1"]  # on top of gin/smoke.gin: the sweep scripts take it like launch does
 PROXY_PORT = 9  # tests/conftest.py points every proxy at 127.0.0.1:9: a connect there is an HTTP request elsewhere
 
 
 def sweep_cmd(*args: str, params: Iterable[str] = TINY) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "tune" / "sweep_lambda.py"), "--gin", str(ROOT / "gin" / "moons.gin")]
+    cmd = [sys.executable, str(ROOT / "tune" / "sweep_lambda.py"), "--gin", str(ROOT / "gin" / "moons.gin"),
+           "--gin", str(ROOT / "gin" / "smoke.gin")]
     return cmd + [x for p in params for x in ("--gin_param", p)] + list(args)
 
 
@@ -233,8 +228,8 @@ def _trial_worker_pids() -> set[int]:
 
 
 def test_trial_whose_worker_is_killed_is_retried_and_the_sweep_finishes(tmp_path):
-    params = [*TINY, "classifier/train.n_iters = 400", "classifier/train.ckpt_every = 20",
-              "sweep.max_concurrent_trials = 1", "sweep.max_failures = 1"]
+    params = [*TINY, "classifier/train.n_iters = 4000", "classifier/train.ckpt_every = 20",
+              "classifier/train.log_every = 200", "sweep.max_concurrent_trials = 1", "sweep.max_failures = 1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     before = _trial_worker_pids()
     proc = subprocess.Popen(sweep_cmd("--values", "0.1", "1.0", params=params), cwd=tmp_path, env=env,

@@ -10,9 +10,10 @@ from pathlib import Path
 import gin
 from torch import nn
 
+from dlsm.checkpoints import load_ema_weights
 from dlsm.experiment import Run, seed_everything
 from dlsm.plots import loss_curves
-from dlsm.training import load_ema_weights, train
+from dlsm.training import train
 
 __all__ = ["STAGE1", "fit", "reuse"]
 
@@ -54,7 +55,8 @@ def fit(
                 shutil.copy(fetched, ckpt)
             if not done:
                 n = sum(p.numel() for p in model.parameters())
-                tracker.log_params({"num_parameters": n})
+                tracker.log_params({"num_parameters": n, "network": type(model).__name__})
+                print(f"dlsm: {stage}: {type(model).__name__} with {n:,} parameters on {run.device}")
             res = train(
                 model, loss_fn, data, schedule, ckpt_path=ckpt, seed=run.seed(train_seed_offset),
                 stage=stage_label, log_fn=tracker.log_metrics, eval_fn=eval_fn, device=run.device,

@@ -77,20 +77,20 @@ def image_grid(images: dict[int, torch.Tensor], n_cols: int = 10):
     return grid.permute(1, 2, 0).numpy()
 
 
-def _log_png(run: Run, array: np.ndarray, name: str, title: str | None = None) -> None:
-    import matplotlib
+def _log_png(run: Run, array: np.ndarray, name: str, title: str | None = None, width: int = 480) -> None:
+    """A uint8 (H, W, C) grid as a PNG artifact, enlarged by an integer factor (nearest neighbour, so pixels
+    stay pixels) to about ``width`` pixels, with ``title`` in a band above it."""
+    from PIL import Image, ImageDraw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    h, w = array.shape[:2]
-    fig, ax = plt.subplots(figsize=(max(3.0, w / 40), max(3.0, h / 40) + (0.4 if title else 0)))
-    ax.imshow(array.squeeze(-1) if array.shape[-1] == 1 else array, cmap="gray", vmin=0, vmax=255,
-              interpolation="nearest")
-    ax.set_axis_off()
+    img = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+    scale = max(1, round(width / img.width))
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     if title:
-        ax.set_title(title)
-    run.tracker.log_figure(fig, name)
+        canvas = Image.new(img.mode, (img.width, img.height + 20), 255 if img.mode == "L" else (255, 255, 255))
+        canvas.paste(img, (0, 20))
+        ImageDraw.Draw(canvas).text((4, 4), title, fill=0 if img.mode == "L" else (0, 0, 0))
+        img = canvas
+    run.tracker.log_image(img, name)
 
 
 @gin.configurable(denylist=["run", "state"])
