@@ -186,12 +186,14 @@ def preflight(address: str | None, *, dashboard: bool = False, timeout: float = 
 
 
 def connect(address: str | None = None, *, dashboard: bool = False, extra_env: dict[str, str] | None = None,
-            ) -> Connection:
+            checked: bool = False) -> Connection:
     """Start a loopback-only Ray (``address`` None and no ``RAY_ADDRESS``) or join an existing cluster.
 
     ``extra_env`` is added to the trials' environment (``runtime_env``). Raises ConfigError with one
-    line when the cluster cannot be reached or refuses the driver's token."""
-    preflight(address, dashboard=dashboard)
+    line when the cluster cannot be reached or refuses the driver's token; ``checked=True`` when the caller
+    ran :func:`preflight` already (a sweep does, before its shared stages)."""
+    if not checked:
+        preflight(address, dashboard=dashboard)
     address, local, env, source = _prepare(address)
     import ray
 

@@ -167,7 +167,8 @@ def run_sweep(
 
     tracker = Tracker(spec.name)
     t0 = time.perf_counter()
-    conn = connect(address, dashboard=settings.dashboard, extra_env=env)  # env first: Ray reads it at import
+    # the environment is set before Ray is imported (Ray reads it at import)
+    conn = connect(address, dashboard=settings.dashboard, extra_env=env, checked=True)
     if conn.dashboard_url:
         print(f"dlsm: Ray dashboard at http://{conn.dashboard_url}")
     env = {**conn.env, **env}

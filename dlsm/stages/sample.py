@@ -121,6 +121,7 @@ def sample(
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"sample.batch_size must be a positive integer or None, got {batch_size!r}")
     image = _is_image(data)
+    decoded: dict[str, dict[int, torch.Tensor]] = {}  # images: method -> class -> uint8 samples
     with run.tracker.stage(run.parent_id, "sampling"):
         t0 = time.perf_counter()
         run.tracker.log_params({**run.params, "alpha": spec.alpha, "n_per_class": str(counts)})
@@ -133,16 +134,16 @@ def sample(
             }
             path = run.rundir / f"samples-{name}.npz"
             if image:
-                x = torch.cat([data.decode(s) for s in state.samples[name].values()])
-                y = torch.cat([torch.full((len(s),), c) for c, s in state.samples[name].items()])
+                decoded[name] = {c: data.decode(s) for c, s in state.samples[name].items()}
+                x = torch.cat(list(decoded[name].values()))
+                y = torch.cat([torch.full((len(s),), c) for c, s in decoded[name].items()])
                 np.savez_compressed(path, x=x.numpy(), y=y.numpy())
-                grids = {c: data.decode(s) for c, s in state.samples[name].items()}
-                _log_png(run, image_grid(grids, grid_columns), f"images/grid-{name}.png", name)
+                _log_png(run, image_grid(decoded[name], grid_columns), f"images/grid-{name}.png", name)
             else:
                 np.savez_compressed(path, **{f"c{c}": x.numpy() for c, x in state.samples[name].items()})
             run.tracker.log_artifact(path, "samples")
         if image:
-            _figure3(run, state, min(grid_columns, 4))
+            _figure3(run, decoded, min(grid_columns, 4))
         run.timings["time/sampling_s"] = time.perf_counter() - t0
         run.tracker.log_metrics({"wall_seconds": run.timings["time/sampling_s"]})
     return state
@@ -159,10 +160,10 @@ cfg.constrain(sample, "n_per_class", _counts_ok)  # checked when the config is p
 cfg.constrain(sample, "batch_size", lambda v: None if v is None else cfg.positive_int(v))
 
 
-def _figure3(run: Run, state: State, n_cols: int) -> None:
+def _figure3(run: Run, decoded: dict[str, dict[int, torch.Tensor]], n_cols: int) -> None:
     """The paper's Figure 3 layout: base | scaling | ours (whichever are sampled), same classes, side by side."""
-    names = [n for n in paper_order(state.samples) if n in state.samples]
-    panels = [image_grid({c: state.data.decode(s) for c, s in state.samples[n].items()}, n_cols) for n in names]
+    names = [n for n in paper_order(decoded) if n in decoded]
+    panels = [image_grid(decoded[n], n_cols) for n in names]
     if not panels:
         return
     h = min(p.shape[0] for p in panels)
