@@ -13,6 +13,7 @@ import re
 import gin
 import torch
 
+from dlsm.distributed import local_rank, world_size
 from dlsm.errors import ConfigError
 
 __all__ = ["device", "make_generator", "resolve_device"]
@@ -26,7 +27,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
     CUDA devices come back with their index (``'cuda'`` -> ``cuda:<current device>``), so that they compare
     equal to ``tensor.device``. Asking for CUDA without a visible GPU, for a GPU index that does not exist,
-    or for an unknown name is a one-line ConfigError.
+    or for an unknown name is a one-line ConfigError. Under torchrun (:mod:`dlsm.distributed`) the current device
+    is ``cuda:LOCAL_RANK``, so ``'auto'`` and ``'cuda'`` give each process its own GPU; ``'cuda:N'`` naming
+    another GPU than the process's own is a ConfigError there.
     """
     text = str(name).strip().lower() if isinstance(name, (str, torch.device)) else None
     match = _NAME.fullmatch(text) if text is not None else None
@@ -43,9 +46,15 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
             "use device = 'auto' or 'cpu'"
         )
     count = torch.cuda.device_count()
+    if world_size() > 1 and local_rank() >= count:
+        raise ConfigError(f"device = {name!r} but torchrun runs this process as LOCAL_RANK={local_rank()} and only "
+                          f"{count} CUDA GPU(s) are visible; lower --nproc_per_node to {count} (one process per GPU)")
     i = torch.cuda.current_device() if index is None else int(index)
     if i >= count:
         raise ConfigError(f"device = {name!r} but only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+    if index is not None and world_size() > 1 and i != local_rank():
+        raise ConfigError(f"device = {name!r} names one GPU, but torchrun runs {world_size()} processes, one per GPU; "
+                          "use device = 'auto' or 'cuda' (process k then uses cuda:k)")
     return torch.device("cuda", i)
 
 

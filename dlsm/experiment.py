@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from dlsm import config as cfg
+from dlsm import distributed as dist
 from dlsm.device import device as device_binding
 from dlsm.errors import ConfigError
 from dlsm.losses import ce_loss, dsm_loss, total_loss
 from dlsm.samplers import annealed_langevin
 from dlsm.schedules import NoiseSchedule, noise_schedule
 from dlsm.scores import ModelScores
-from dlsm.tracking import Tracker
+from dlsm.tracking import NullTracker, Tracker, rank_tracker
 
 __all__ = [
     "ExperimentResult", "ExperimentSpec", "Run", "State", "build_methods", "build_network", "check_workdir",
@@ -95,7 +96,7 @@ class Run:
     """What every stage of one launch shares: the spec, MLflow, the checkpoint folder and the device."""
 
     spec: ExperimentSpec
-    tracker: Tracker
+    tracker: Tracker | NullTracker  # a NullTracker on ranks other than 0 (torchrun)
     parent_id: str
     rundir: Path
     params: dict[str, str]
@@ -249,6 +250,8 @@ def check_networks(spec: ExperimentSpec, data) -> None:
         if isinstance(batch, int) and batch > len(data):
             raise ConfigError(f"{scope}/train.batch_size = {batch} is larger than the data ({len(data)} examples); "
                               "lower it")
+        if isinstance(batch, int):  # the global batch must split evenly across torchrun's processes
+            dist.shard(batch, f"{scope}/train.batch_size")
 
 
 def _stops_here(stage: Callable, stop_after: str | None) -> bool:
@@ -256,6 +259,14 @@ def _stops_here(stage: Callable, stop_after: str | None) -> bool:
 
     last = {"stage1": st.train_score_model, "stage2": st.train_classifiers}.get(stop_after or "")
     return last is not None and inspect.unwrap(stage) is inspect.unwrap(last)
+
+
+def _on_every_rank(stage: Callable) -> bool:
+    """The training stages run on every rank (DDP, in lockstep); the other stages on rank 0 alone."""
+    from dlsm import stages as st
+
+    return any(inspect.unwrap(stage) is inspect.unwrap(s) for s in (st.train_score_model, st.train_classifiers,
+                                                                       st.posterior_sm))
 
 
 def run_experiment(
@@ -269,28 +280,44 @@ def run_experiment(
     """Run (or resume) the experiment's stages in order; returns its MLflow run id and final metrics.
 
     ``parent_run_id`` nests the run under another run (a sweep); ``on_metrics(stage, metrics, step)``
-    sees every metric as it is logged (a sweep's trial reports stage-2 curves to its scheduler)."""
+    sees every metric as it is logged (a sweep's trial reports stage-2 curves to its scheduler).
+
+    Under torchrun (:mod:`dlsm.distributed`) every rank calls this: rank 0 alone tracks in MLflow (one parent
+    run) and decides whether to resume, and its decisions and user errors reach every rank. The training stages
+    (score model, classifiers, posterior SM) run on every rank with DistributedDataParallel; sampling,
+    evaluation, figures and any other stage run on rank 0 alone while the other ranks return (their metrics are
+    only the training timings): sampling is not sped up by more GPUs."""
     chash = cfg.config_hash()
     rundir = Path(spec.workdir) / spec.name / chash
-    tracker = Tracker(spec.name, on_metrics=on_metrics)
-    check_workdir(spec.workdir)
-    for key, source in (("experiment.stage1_run_id", spec.stage1_run_id),
-                        ("experiment.stage2_run_id", spec.stage2_run_id)):
-        if source:  # a wrong run id fails now, not after training the stages before it
-            tracker.check_source_run(source, key)
+    tracker = rank_tracker(spec.name, on_metrics=on_metrics)
+
+    def check_sources() -> None:
+        check_workdir(spec.workdir)
+        for key, source in (("experiment.stage1_run_id", spec.stage1_run_id),
+                            ("experiment.stage2_run_id", spec.stage2_run_id)):
+            if source:  # a wrong run id fails now, not after training the stages before it
+                tracker.check_source_run(source, key)
+
+    dist.from_main(check_sources)
     dev = device_binding()
     seed_everything(spec.seed)
-    data = spec.dataset()  # a missing dataset fails here, before any MLflow run or checkpoint exists
-    schedule = noise_schedule(data.x)
+    data = dist.main_first(spec.dataset)  # a missing dataset fails here, before any MLflow run or checkpoint exists
+    schedule = noise_schedule(data)  # reads data.x only for 'auto' sigma_max / num_scales
     check_networks(spec, data)
-    resume_id = None if fresh else tracker.unfinished_parent(chash)
-    if fresh and rundir.exists():
-        shutil.rmtree(rundir)
-    rundir.mkdir(parents=True, exist_ok=True)
+
+    def find_run() -> str | None:
+        resume_id = None if fresh else tracker.unfinished_parent(chash)
+        if fresh and rundir.exists():
+            shutil.rmtree(rundir)
+        rundir.mkdir(parents=True, exist_ok=True)
+        return resume_id
+
+    resume_id = dist.from_main(find_run)
     params = cfg.bindings_as_params()
 
     with tracker.parent(run_name or spec.name, chash, resume_id, nest_under=parent_run_id) as parent_id:
-        if resume_id:
+        parent_id = dist.share(parent_id)  # rank 0's run id on every rank
+        if resume_id and dist.is_main():
             print(f"dlsm: resuming run {parent_id} from {rundir}")
         tracker.log_params({**params, "device": str(dev)})
         tracker.log_text(gin.config_str(), "config/config.gin")
@@ -298,7 +325,8 @@ def run_experiment(
         run = Run(spec, tracker, parent_id, rundir, params, dev)
         state = State(data, schedule)
         for stage in spec.stages:
-            state = stage(run, state)
+            if dist.is_main() or _on_every_rank(stage):
+                state = stage(run, state)
             if _stops_here(stage, spec.stop_after):
                 break
         final = {**state.metrics, **run.timings}

@@ -4,6 +4,12 @@ User errors (bad gin file or binding, wrong-typed or out-of-range value, undefin
 missing data, unusable MLflow store or workdir, bad checkpoint, NaN loss) print one line to stderr
 and exit non-zero; all but the last two are found before anything trains. Ctrl-C keeps the last
 checkpoint: relaunch the same command to resume. ``--traceback`` shows the full traceback of a user error.
+
+Several GPUs: ``torchrun --nproc_per_node N -m dlsm.launch --gin FILE ...`` runs the same command in N
+processes (:mod:`dlsm.distributed`): the training stages use DistributedDataParallel with ``train.batch_size``
+as the global batch, rank 0 alone tracks in MLflow and writes checkpoints, and sampling and evaluation run on
+rank 0. Errors and results are printed once, by rank 0; a user error, a NaN loss or a Ctrl-C stops every rank.
+An error on one rank alone (a programming error, a lost MLflow server) leaves torchrun to stop the others.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dlsm import distributed as dist
 from dlsm.errors import DlsmError, print_error
 
 
@@ -29,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.gin:
         print("dlsm: error: give at least one --gin FILE (try gin/moons.gin)", file=sys.stderr)
         return 2
+    main_rank, failed = True, True
     try:
+        dist.init()  # torchrun's process group, if any; every step below runs on every rank
+        main_rank = dist.is_main()
         from dlsm import components  # noqa: F401  (registers every configurable)
         from dlsm.config import call_configurable, parse_config
         from dlsm.experiment import experiment, run_experiment
@@ -38,13 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         spec = call_configurable(experiment)
         # run_experiment checks the MLflow store, experiment.workdir and reused run ids before training
         results = run_experiment(spec, fresh=args.fresh).metrics
+        failed = False
     except DlsmError as err:
         if args.traceback:
             raise
-        return print_error(err)
+        return print_error(err) if main_rank else err.exit_code
     except KeyboardInterrupt:
-        print("dlsm: interrupted; relaunch the same command to resume from the last checkpoint", file=sys.stderr)
+        if main_rank:
+            print("dlsm: interrupted; relaunch the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        dist.cleanup(failed=failed)  # on an error, every rank waits until rank 0 has printed it
+    if not main_rank:
+        return 0
     width = max((len(k) for k in results), default=0)
     for k in sorted(results):
         print(f"{k:<{width}}  {results[k]:.4g}")

@@ -6,6 +6,11 @@ lambda(sigma) = sigma**weight_power, bindable in gin.
 
 Classifier losses share one signature ``(classifier, score_model, x, y, sigma, noise)``;
 CE ignores ``score_model``.
+
+DLSM' reduces the squared residual over the D data dimensions by a sum (``reduce='sum'``, the paper's
+||.||^2, this project's default, with lambda(sigma) = sigma^2) or by a mean (``reduce='mean'``: the official
+DLSM code's ``torch.mean(0.5 * square(...))`` over pixels, with ``weighting_dlsm = 0``, i.e. weight_power 0).
+The two differ by the factor D / sigma^2, which changes the balance of DLSM' against lambda CE in L_Total.
 """
 
 from __future__ import annotations
@@ -35,7 +40,25 @@ def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _sq_norm(v: torch.Tensor) -> torch.Tensor:
-    return v.reshape(v.shape[0], -1).pow(2).sum(dim=1)
+    """Per-example ||v||^2, accumulated in float32 at least (bf16 network outputs under autocast included)."""
+    v = v.reshape(v.shape[0], -1)
+    return v.to(torch.promote_types(v.dtype, torch.float32)).pow(2).sum(dim=1)
+
+
+_REDUCE = ("sum", "mean")
+
+
+def _reduce(sq: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
+    """The per-example squared norm ``sq`` as a sum over the ``dim`` data dimensions, or their mean."""
+    if reduce == "sum":
+        return sq
+    if reduce == "mean":
+        return sq / dim
+    raise ValueError(f"reduce must be one of {list(_REDUCE)}, got {reduce!r}")
+
+
+def _check_reduce(value: object) -> str | None:
+    return None if value in _REDUCE else f"must be one of {list(_REDUCE)}"
 
 
 @gin.configurable
@@ -99,13 +122,15 @@ def dlsm_loss(
     noise: torch.Tensor,
     *,
     weight_power: float = 2.0,
+    reduce: str = "sum",
 ) -> torch.Tensor:
     """DLSM' (DLSM paper, eq. L_DLSM'):
     1/2 lambda(sigma) ||grad_x~ log p(y|x~; theta) + s(x~; phi) - grad_x~ log p_sigma(x~|x)||^2,
     with s(.; phi) frozen and the classifier's input gradient taken with create_graph=True.
+    ``reduce='mean'`` divides the squared norm by D (the official code's per-pixel mean; module docstring).
     """
     sq, _ = _dlsm_terms(classifier, score_model, x, y, sigma, noise)
-    return 0.5 * sigma_weight(sigma, weight_power) * sq
+    return 0.5 * sigma_weight(sigma, weight_power) * _reduce(sq, x[0].numel(), reduce)
 
 
 @gin.configurable
@@ -120,10 +145,15 @@ def total_loss(
     lam: float = 1.0,
     weight_power: float = 2.0,
     ce_weight_power: float = 0.0,
+    reduce: str = "sum",
 ) -> torch.Tensor:
-    """L_Total(theta) = L_DLSM'(theta) + lambda L_CE(theta) (DLSM paper), one classifier forward pass."""
+    """L_Total(theta) = L_DLSM'(theta) + lambda L_CE(theta) (DLSM paper), one classifier forward pass;
+    ``weight_power`` and ``reduce`` are DLSM''s (see :func:`dlsm_loss`)."""
     sq, ce = _dlsm_terms(classifier, score_model, x, y, sigma, noise)
-    return 0.5 * sigma_weight(sigma, weight_power) * sq + lam * sigma_weight(sigma, ce_weight_power) * ce
+    dlsm = 0.5 * sigma_weight(sigma, weight_power) * _reduce(sq, x[0].numel(), reduce)
+    return dlsm + lam * sigma_weight(sigma, ce_weight_power) * ce
 
 
 constrain(total_loss, "lam", finite_nonnegative)  # lambda >= 0, checked when the gin config is parsed
+constrain(total_loss, "reduce", _check_reduce)
+constrain(dlsm_loss, "reduce", _check_reduce)

@@ -176,7 +176,7 @@ def _auto_or_number(name: str, value: object) -> float | None:
 
 @gin.configurable
 def noise_schedule(
-    data: torch.Tensor,
+    data: torch.Tensor | object,
     *,
     sigma_max: float | str = "auto",
     sigma_min: float = 0.01,
@@ -188,16 +188,19 @@ def noise_schedule(
     """Resolve a schedule from the training ``data``; each of sigma_max, num_scales, eps is a number or 'auto'.
 
     'auto' applies Technique 1 (sigma_max), Technique 2 (num_scales) and Technique 4 (eps) in turn.
+    ``data`` is a tensor of examples or a dataset with an ``x`` property (LabelledData, ImageData); a dataset's
+    float ``x`` (600 MB for CIFAR-10) is only built when Technique 1 or 2 needs it.
     """
+    points = (lambda: data) if isinstance(data, torch.Tensor) else (lambda: data.x)
     smax = _auto_or_number("sigma_max", sigma_max)
     smin = _auto_or_number("sigma_min", sigma_min)
     if smin is None:
         raise ConfigError("noise_schedule.sigma_min must be a number")
     if smax is None:
-        smax = max_pairwise_distance(data)
+        smax = max_pairwise_distance(points())
     n = _auto_or_number("num_scales", num_scales)
     if n is None:
-        n = technique2_num_scales(smax, smin, int(data[0].numel()), overlap)
+        n = technique2_num_scales(smax, smin, int(points()[0].numel()), overlap)
     if n != int(n):
         raise ConfigError(f"noise_schedule.num_scales must be an integer, got {num_scales!r}")
     if not isinstance(n_steps_each, int) or n_steps_each < 1:

@@ -81,15 +81,24 @@ def posterior_score_fn(
     return score_fn
 
 
+def _eval(net):
+    """``net`` in eval mode (a plain function, e.g. a closed-form score in a test, is returned as it is)."""
+    return net.eval() if isinstance(net, nn.Module) else net
+
+
 class ModelScores:
     """Prior, likelihood and posterior scores of a (score model, classifier) pair at guidance scale alpha.
 
     ``likelihood`` returns the *effective* likelihood term alpha * grad log p(y|x; theta), so that
     posterior = prior + likelihood holds for every alpha.
+
+    Both networks are put in eval mode: a BatchNorm classifier then uses its running statistics, so the score
+    of one sample does not depend on the other samples of its batch (training mode would make
+    grad_x log p(y|x_i) a function of the whole batch, and the sampler's batch size part of the model).
     """
 
     def __init__(self, score_model: nn.Module, classifier: nn.Module, *, alpha: float = 1.0) -> None:
-        self.score_model, self.classifier, self.alpha = score_model, classifier, alpha
+        self.score_model, self.classifier, self.alpha = _eval(score_model), _eval(classifier), alpha
 
     def prior(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         with torch.no_grad():

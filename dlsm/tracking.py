@@ -7,6 +7,8 @@ when the store's folder cannot be created or written or an ``http(s)`` server do
 short probe, instead of MLflow's own retries and tracebacks.
 Runs carry tags ``dlsm.config_hash`` (parent) and ``dlsm.stage`` (children) so a relaunch of the
 same configuration finds its unfinished parent and resumes it, skipping stages already FINISHED.
+Under torchrun only rank 0 holds a :class:`Tracker` (:func:`rank_tracker`); the other ranks hold a
+:class:`NullTracker` that writes nothing.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from dlsm import distributed as dist  # noqa: E402
 from dlsm.errors import ConfigError, TrackingError  # noqa: E402
 
-__all__ = ["Tracker", "check_tracking_uri", "default_tracking_uri"]
+__all__ = ["NullTracker", "Tracker", "check_tracking_uri", "default_tracking_uri", "rank_tracker"]
 
 MAX_PARAM_LEN = 6000
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about creating the database
@@ -317,3 +320,54 @@ class Tracker:
             )
         except Exception:
             raise ConfigError(f"{key}: run {run.info.run_id} has no artifact {artifact}") from None
+
+
+class NullTracker:
+    """What ranks other than 0 hold under torchrun: the :class:`Tracker` calls of the training stages, writing
+    nothing. ``parent`` yields None and ``stage`` (None, False): code that runs on every rank replaces them with
+    rank 0's answers through :func:`dlsm.distributed.share` (a collective, so not inside :class:`Tracker`, whose
+    stages also run on rank 0 alone), and searches and downloads on rank 0 through
+    :func:`dlsm.distributed.from_main`.
+    """
+
+    client = None
+    experiment_id = None
+    on_metrics = None
+
+    @contextlib.contextmanager
+    def parent(self, *args: object, **kwargs: object) -> Iterator[str | None]:  # noqa: ARG002
+        yield None
+
+    @contextlib.contextmanager
+    def stage(self, parent_id: str, stage: str) -> Iterator[tuple[str | None, bool]]:  # noqa: ARG002
+        yield None, False
+
+    def log_params(self, params: dict[str, object]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_figure(self, fig, artifact_file: str) -> None:  # noqa: ARG002
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        pass
+
+
+def rank_tracker(
+    experiment_name: str, *, on_metrics: Callable[[str, dict[str, float], int], None] | None = None
+) -> Tracker | NullTracker:
+    """A :class:`Tracker` on rank 0 (one process: always), a :class:`NullTracker` on the other ranks; a store
+    that cannot be used (TrackingError on rank 0) is raised on every rank."""
+    made: list[Tracker] = []
+    dist.from_main(lambda: made.append(Tracker(experiment_name, on_metrics=on_metrics)))
+    return made[0] if made else NullTracker()

@@ -7,6 +7,10 @@ whose state is checkpointed, so an interrupted run resumes on the same random st
 
 Everything of one run lives on one device (``train.device``): the model, the data, the generator and
 every random number; on the CPU the streams are those of ``torch.Generator().manual_seed(seed)``.
+
+Under torchrun (:mod:`dlsm.distributed`) every rank runs this same loop in lockstep: ``train.batch_size`` is the
+global batch, each rank keeps its slice of it, DistributedDataParallel averages the gradients, rank 0 alone logs
+and checkpoints; one process is the world of one, with the same numbers as before.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dlsm import distributed as dist
 from dlsm.checkpoints import (  # noqa: F401  (re-exported: the trainer's checkpoint API)
     ema_model,
     load_checkpoint,
@@ -152,20 +158,35 @@ def _compile(model: nn.Module) -> nn.Module:
                           f"{first}); set train.compile = False") from None
 
 
+DOUBLE_PRESS_S = 1.0  # under torchrun, a second SIGINT sooner than this after the first is the same Ctrl-C
+
+
+def _double_backward_error(err: RuntimeError, compiled: bool, stage: str) -> None:
+    """A one-line ConfigError for DLSM' / Total under ``train.compile``: their loss differentiates the classifier's
+    input gradient again (create_graph=True), and torch.compile's AOTAutograd has no double backward."""
+    if compiled and "double backward" in str(err):
+        raise ConfigError(f"{stage}: train.compile = True cannot train a loss that differentiates the network's input "
+                          "gradient (DLSM', Total): torch.compile does not support double backward; set "
+                          "classifier/train.compile = False (the score model's scope may keep it)") from None
+
+
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[Callable[[], bool]]:
     """Ctrl-C during a training step (or an MLflow write) is acted on between steps: yields a function
-    telling whether one came. A second Ctrl-C interrupts at once. Only in the main thread (elsewhere,
-    e.g. in a Ray trial, signals are not delivered to this code and nothing changes)."""
+    telling whether one came. A second Ctrl-C interrupts at once; under torchrun only one ``DOUBLE_PRESS_S`` or
+    more after the first, as a terminal's Ctrl-C reaches each worker twice at once (from the terminal and from
+    torchrun). Only in the main thread (elsewhere, e.g. in a Ray trial, signals are not delivered to this code
+    and nothing changes)."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    hits: list[int] = []
+    hits: list[float] = []
     previous = signal.getsignal(signal.SIGINT)
+    window = DOUBLE_PRESS_S if dist.world_size() > 1 else 0.0
 
     def handler(signum, frame):  # noqa: ARG001
-        hits.append(signum)
-        if len(hits) > 1:
+        hits.append(time.monotonic())
+        if len(hits) > 1 and hits[-1] - hits[0] >= window:
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
 
@@ -207,6 +228,7 @@ def train(
     autocast: bool = False,
     compile: bool = False,  # shadows the builtin: the gin binding is train.compile
     flip: bool = False,
+    channels_last: bool = False,
     snapshot_every: int = 0,
     snapshot_fn: SnapshotFn | None = None,
 ) -> TrainResult:
@@ -229,9 +251,22 @@ def train(
     base learning rates are checkpointed, so a resumed run continues the schedule. ``grad_clip``: max global
     gradient norm. ``autocast``: the loss runs under ``torch.autocast(device, torch.bfloat16)`` and is averaged
     in float32. ``compile``: the loss calls ``torch.compile(model)`` (same parameters). ``flip``: mirror each
-    image horizontally with probability 1/2 (ImageData only; points raise a ConfigError).
+    image horizontally with probability 1/2 (ImageData only; points raise a ConfigError). ``channels_last``: the
+    model's 4-D weights and each image batch in ``torch.channels_last`` memory layout (NHWC; faster convolutions on
+    tensor-core GPUs; numbers equal up to float rounding).
     ``snapshot_fn(ema_module, step)`` (not gin-bound; the pipeline's sample grid) is called, with the EMA module
     in eval mode, after every ``snapshot_every``-th step; ``snapshot_every = 0`` or no ``snapshot_fn``: never.
+
+    Several processes (torchrun, :mod:`dlsm.distributed`): ``batch_size`` is the *global* batch, so a gin file
+    trains the same way on any number of GPUs (and a checkpoint resumes on another number). Every rank draws the
+    whole batch from the same generator as one process would and keeps its slice ``[rank b, (rank + 1) b)``,
+    b = batch_size / world (which must be whole): that slice is the rank's data shard. The loss is the mean over the
+    rank's slice and DistributedDataParallel averages the gradients, so the update is that of one process with the
+    whole batch, up to float rounding (see tests/test_distributed.py); parameters, optimizer state and EMA stay
+    identical on all ranks. Ranks other than 0 reseed torch's global RNG (dropout) with
+    :func:`dlsm.distributed.rank_seed`. Rank 0 alone writes checkpoints, calls ``eval_fn``, ``snapshot_fn`` and
+    ``log_fn`` (the logged loss is the mean over ranks) and shows the progress bar; every rank resumes from the
+    checkpoint rank 0 wrote. A NaN loss or a Ctrl-C on any rank stops every rank after the same step.
     """
     n_iters = _check_positive_int("n_iters", n_iters)
     batch_size = _check_positive_int("batch_size", batch_size)
@@ -240,8 +275,9 @@ def train(
     eval_every = _check_positive_int("eval_every", eval_every)
     warmup = _check_count("warmup", warmup, "no warm-up")
     snapshot_every = _check_count("snapshot_every", snapshot_every, "no snapshots")
-    autocast, compile, flip = (_check_bool(k, v) for k, v in (("autocast", autocast), ("compile", compile),
-                                                                ("flip", flip)))
+    autocast, compile, flip, channels_last = (
+        _check_bool(k, v) for k, v in (("autocast", autocast), ("compile", compile), ("flip", flip),
+                                       ("channels_last", channels_last)))
     if sigma_distribution not in _SIGMA_DISTRIBUTIONS:
         raise ConfigError(f"train.sigma_distribution must be 'log_uniform' or 'discrete', got {sigma_distribution!r}")
     if not 0.0 <= ema_decay < 1.0:
@@ -264,8 +300,12 @@ def train(
     if batch_size > n_data:
         raise ConfigError(f"{stage}: train.batch_size = {batch_size} is larger than the data ({n_data} examples); "
                           "lower the batch size in this stage's scope")
+    mine = dist.shard(batch_size, f"{stage}: train.batch_size")
     model.to(dev)
-    net = _compile(model) if compile else model
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D weights only; other parameters are unchanged
+    if dist.rank():
+        torch.manual_seed(dist.rank_seed(seed))
     draw_sigma = _sigma_sampler(schedule, sigma_distribution, dev)
 
     ckpt_path = Path(ckpt_path)
@@ -274,7 +314,7 @@ def train(
     ema = ema_model(model, ema_decay)
     gen = make_generator(seed, dev)
     step = 0
-    if ckpt_path.exists():
+    if dist.share(ckpt_path.exists()):  # rank 0's answer: every rank loads the file it wrote
         state = load_checkpoint(ckpt_path)
         load_into(model, state["model"], ckpt_path, f"{stage} model")
         load_into(ema, state["ema"], ckpt_path, f"{stage} EMA model")
@@ -283,8 +323,12 @@ def train(
         step = int(state["step"])
         # checkpoints from before train.warmup hold no base rates: their optimizer's rates are the base rates
         base_lrs = list(state.get("base_lrs") or [float(g["lr"]) for g in opt.param_groups])
+    ddp = dist.wrap(model)  # the model itself for one process
+    net = _compile(ddp) if compile else ddp
 
     def checkpoint() -> None:
+        if not dist.is_main():
+            return
         save_checkpoint(
             ckpt_path,
             {
@@ -303,7 +347,7 @@ def train(
     running, count = torch.zeros((), device=dev), 0
     bad = torch.zeros((), dtype=torch.bool, device=dev)
     def evaluate() -> None:
-        if eval_fn is None:
+        if eval_fn is None or not dist.is_main():
             return
         model.eval()
         metrics = eval_fn(model)
@@ -329,21 +373,31 @@ def train(
             first = (str(err).strip().splitlines() or [""])[0]
             raise ConfigError(f"train.compile = True but torch.compile failed on the {stage} model on {dev} "
                               f"({type(err).__name__}: {first}); set train.compile = False") from None
+        except RuntimeError as err:
+            _double_backward_error(err, compile, stage)
+            raise
         return per_example.float().mean() if autocast else per_example.mean()
 
     model.train()
     if step == 0:
         evaluate()
-    bar = tqdm(total=n_iters, initial=step, desc=stage, disable=disable_progress, leave=False)
+    bar = tqdm(total=n_iters, initial=step, desc=stage, disable=disable_progress if dist.is_main() else True,
+               leave=False)
     with deferred_interrupt() as interrupted:
         while step < n_iters:
             idx = torch.randint(0, n_data, (batch_size,), generator=gen, device=dev)
             x, y = data.batch(idx, flip=flip, generator=gen) if batched else (x_all[idx], y_all[idx])
+            if channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             sigma = draw_sigma(batch_size, gen)
             noise = torch.randn(x.shape, generator=gen, device=dev)
-            loss = compute_loss(x, y, sigma, noise)
+            loss = compute_loss(x[mine], y[mine], sigma[mine], noise[mine])  # one process: the whole batch
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                loss.backward()
+            except RuntimeError as err:
+                _double_backward_error(err, compile, stage)
+                raise
             if grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             bad |= ~torch.isfinite(loss.detach())
@@ -359,7 +413,7 @@ def train(
             bar.update(1)
             at_log, at_ckpt = step % log_every == 0 or step == n_iters, step % ckpt_every == 0 or step == n_iters
             if at_log or at_ckpt:
-                if bool(bad):
+                if dist.any_rank(bad):
                     bar.close()
                     last = (step - 1) // ckpt_every * ckpt_every
                     kept = (
@@ -372,22 +426,22 @@ def train(
                         "lower the learning rate or set train.grad_clip"
                     )
             if at_log:
-                mean = float(running) / count
+                mean = float(dist.mean(running)) / count
                 running.zero_()
                 count = 0
                 losses.append((step, mean))
                 bar.set_postfix(loss=f"{mean:.4g}")
-                if log_fn is not None:
+                if log_fn is not None and dist.is_main():
                     log_fn({f"{stage}/loss": mean}, step)
             if at_ckpt:
                 checkpoint()
             if step % eval_every == 0 or step == n_iters:
                 evaluate()
-            if snapshot_fn is not None and snapshot_every and step % snapshot_every == 0:
+            if snapshot_fn is not None and snapshot_every and step % snapshot_every == 0 and dist.is_main():
                 snapshot()
-            if interrupted():  # keep this step's work; stop where the MLflow run can be closed cleanly
+            if dist.any_rank(interrupted()):  # keep this step's work; stop where MLflow can be closed cleanly
                 bar.close()
-                if not bool(bad):
+                if not dist.any_rank(bad):
                     checkpoint()
                 raise KeyboardInterrupt
     bar.close()

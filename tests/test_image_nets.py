@@ -410,3 +410,57 @@ def test_cuda_outputs_match_cpu():
         gpu = net.to("cuda")(x.cuda(), sig.cuda())
         assert gpu.is_cuda
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
+
+
+# ---- the official DLSM classifier layout (per-stage sigma bias) and BatchNorm at sampling time ---------------
+
+
+@pytest.mark.parametrize(("blocks", "classes", "resnet_count"),
+                         [((2, 2, 2, 2), 10, 11_173_962), ((3, 4, 6, 3), 100, 21_282_122 - 5_130 + 51_300)])
+def test_official_resnet_cond_count(blocks, classes, resnet_count):
+    """The official ``resnet_cond`` (classifier.nf = 32): CIFAR ResNet + Fourier MLP 64 -> 128 -> 128 + one dense
+    per stage 128 -> 64/128/256/512; the Fourier frequencies are fixed (not trainable) there and here."""
+    net = ConvClassifier((3, 32, 32), classes, channels=(64, 128, 256, 512), blocks_per_stage=blocks, norm="batch",
+                         condition="stage", emb_dim=128, num_frequencies=32)
+    sigma_parts = _lin(64, 128) + _lin(128, 128) + sum(_lin(128, w) for w in (64, 128, 256, 512))
+    assert net.num_parameters() == resnet_count + sigma_parts
+    assert net.embed.freqs.shape == (32,)
+
+
+def test_stage_conditioning_adds_one_bias_after_each_stage():
+    """condition='stage': h <- stage_k(h) + Dense_k(SiLU(e)), computed here from the parts by hand."""
+    torch.manual_seed(3)
+    net = ConvClassifier(SHAPE, 3, channels=(8, 16), blocks_per_stage=(2, 1), condition="stage").double().eval()
+    assert all(b.emb is None for b in net.blocks) and net.stage_ends == [1, 2]
+    x, sigma = torch.randn(5, *SHAPE, dtype=torch.float64), torch.tensor([0.1, 0.5, 1.0, 2.0, 9.0]).double()
+    emb = torch.nn.functional.silu(net.embed(sigma.log()))
+    h = net.stem(x)
+    h = net.blocks[1](net.blocks[0](h, None), None) + net.stage_emb[0](emb)[:, :, None, None]
+    h = net.blocks[2](h, None) + net.stage_emb[1](emb)[:, :, None, None]
+    torch.testing.assert_close(net(x, sigma), net.head(h.mean(dim=(2, 3))), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # without the stage biases the logits no longer depend on sigma
+        for lin in net.stage_emb:
+            lin.weight.zero_(), lin.bias.zero_()
+    torch.testing.assert_close(net(x, 0.1), net(x, 9.0), rtol=1e-12, atol=1e-12)
+
+
+def test_sampling_uses_the_running_statistics_of_a_batchnorm_classifier():
+    """ModelScores (what the sampler calls) puts the classifier in eval mode: the likelihood score of a sample is
+    the same alone or in any batch, and sampling leaves the running statistics as training left them."""
+    from dlsm.scores import ModelScores
+
+    torch.manual_seed(0)
+    clf = ConvClassifier(SHAPE, 3, channels=(8, 16), norm="batch", condition="stage").double()
+    clf.train()
+    for _ in range(3):  # give the running statistics values of their own
+        clf(torch.randn(16, *SHAPE, dtype=torch.float64) * 2 + 1, 0.5)
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    assert clf.training  # as stage 2 leaves a network it has just trained, before the stage's own eval()
+    scores = ModelScores(lambda x, s: torch.zeros_like(x), clf, alpha=1.0)
+    x = torch.randn(6, *SHAPE, dtype=torch.float64)
+    batch = scores.likelihood(x, 0.5, 1)
+    alone = torch.cat([scores.likelihood(x[i : i + 1], 0.5, 1) for i in range(6)])
+    torch.testing.assert_close(batch, alone, rtol=1e-10, atol=1e-12)
+    # the reference: eval-mode BatchNorm is the affine map of the running statistics
+    assert not clf.training
+    assert all(torch.equal(before[k], v) for k, v in clf.state_dict().items())

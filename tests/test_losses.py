@@ -307,3 +307,23 @@ def test_gradients_reach_classifier_through_input_gradient_but_not_score_model(l
     torch.testing.assert_close(auto["log_tau"], _fd_grad(value, clf.log_tau), rtol=1e-6, atol=1e-8)
     assert float(auto["mus"].abs().max()) > 1e-3
     assert score.scale.grad is None
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), lam=st.floats(0.0, 4.0))
+def test_official_per_pixel_dlsm_and_total(seed, lam):
+    """reduce='mean', weight_power=0 is the official DLSM code's loss (its losses.py, weighting_dlsm = 0):
+    mean over batch and pixels of 1/2 (grad log p(y|x~) + s(x~) + z/sigma)^2, plus coef * mean CE."""
+    x, y, sigma, noise = _mixture_batch(16, seed)
+    clf, score = GaussianClassifier(tau=1.3), MixturePriorScore()
+    xt = x + sigma[:, None] * noise
+    with torch.no_grad():
+        prior = score(xt, sigma)
+    official_dlsm = (0.5 * (clf.input_grad(xt, sigma, y) + prior + noise / sigma[:, None]).pow(2)).mean()
+    got = dlsm_loss(clf, score, x, y, sigma, noise, weight_power=0.0, reduce="mean").mean()
+    torch.testing.assert_close(got.detach(), official_dlsm, rtol=1e-10, atol=1e-12)
+    official_total = official_dlsm + lam * ce_loss(clf, score, x, y, sigma, noise).mean()
+    tot = total_loss(clf, score, x, y, sigma, noise, lam=lam, weight_power=0.0, reduce="mean").mean()
+    torch.testing.assert_close(tot.detach(), official_total.detach(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        dlsm_loss(clf, score, x, y, sigma, noise, reduce="max")

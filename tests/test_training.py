@@ -611,6 +611,24 @@ def test_compile_failure_is_a_one_line_config_error(tmp_path: Path, monkeypatch)
     assert not (tmp_path / "a.pt").exists()
 
 
+def test_compile_of_a_dlsm_classifier_is_a_one_line_config_error(tmp_path: Path, monkeypatch):
+    """Total = DLSM' + CE differentiates the classifier's input gradient; torch.compile (AOTAutograd, here with the
+    aot_eager backend to skip the C++ build) has no double backward: one line naming the switch, not a traceback."""
+    from dlsm.losses import total_loss
+    from dlsm.networks import ClassifierMLP
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="aot_eager"))
+    torch.manual_seed(0)
+    clf, score = ClassifierMLP(2, 2, hidden=8, depth=1), _model().requires_grad_(False)
+    with pytest.raises(ConfigError) as info:
+        _train(clf, tmp_path / "c.pt", 2, compile=True,
+               loss_fn=lambda m, x, y, s, n: total_loss(m, score, x, y, s, n))
+    msg = _one_line(info.value)
+    assert "cannot train a loss that differentiates the network's input gradient" in msg
+    assert "set classifier/train.compile = False" in msg
+
+
 # snapshots -----------------------------------------------------------------------------------------------------
 
 
@@ -688,6 +706,42 @@ def test_flip_mirrors_image_batches_in_the_documented_draw_order(tmp_path: Path,
     originals = {tuple(v.flatten().tolist()) for v in images}
     got = {tuple(v.flatten().tolist()) for x in seen for v in x}
     assert (got <= originals) == (not flip)
+
+
+def test_channels_last_trains_the_same_numbers_in_nhwc(tmp_path: Path):
+    """train.channels_last: the conv weights and every image batch are NHWC, the values are those of NCHW."""
+    data = ImageData(torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8), torch.arange(8) % 2, 2, "tiny")
+    layouts: list[bool] = []
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv = conv
+
+            def forward(self, x, sigma):
+                return self.conv(x) / sigma.view(-1, 1, 1, 1)
+
+        return Net()
+
+    def recording(model, x, y, sigma, noise):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return _dsm(model, x, y, sigma, noise)
+
+    runs = {}
+    for cl in (False, True):
+        layouts.clear()
+        runs[cl] = train(make(), recording, data, SCHEDULE, ckpt_path=tmp_path / f"{cl}.pt", seed=3, n_iters=3,
+                         batch_size=4, optimizer=_adam, disable_progress=True, channels_last=cl, ckpt_every=10,
+                         log_every=1)
+        assert layouts == [cl] * 3
+    assert runs[True].model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for (_, a), (_, b) in zip(runs[False].losses, runs[True].losses, strict=True):
+        assert b == pytest.approx(a, rel=1e-5)
+    torch.testing.assert_close(runs[True].model.conv.weight, runs[False].model.conv.weight, rtol=1e-5, atol=1e-6)
 
 
 def test_flip_on_points_is_a_one_line_config_error_before_training(tmp_path: Path):

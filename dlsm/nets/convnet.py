@@ -6,17 +6,26 @@ second stage on), global average pooling and a linear head. The noise level ente
 
     e = MLP([sin 2 pi c w; cos 2 pi c w]),  c = c_noise(sigma) = log(sigma),  w ~ N(0, 16^2)   (embeddings.py)
 
-and, inside every basic block, as a per-channel bias Dense_b(SiLU(e)) added after the first conv + norm, before
-its ReLU. (The official code adds one such bias after each *stage*; a bias per block conditions every block.)
+and as a per-channel bias Dense(SiLU(e)), in one of two places (``condition``):
+
+- ``'block'`` (default): inside every basic block, after the first conv + norm, before its ReLU;
+- ``'stage'``: after each stage's last block, ``h <- stage_k(h) + Dense_k(SiLU(e))`` -- the official code's
+  ``ResNet_cond`` (one ``dense_k`` per stage; the bias is added after the block's final ReLU).
+
 Input scaling c_in = 1/sqrt(sigma^2 + sigma_data^2) is applied when ``sigma_data`` is given, as in the score net.
 
-ResNet-18 / -34 of the DLSM paper are ``channels=(64, 128, 256, 512)``, ``blocks_per_stage=(2, 2, 2, 2)`` /
-``(3, 4, 6, 3)``, ``norm='batch'``, ``emb_dim=4*128`` (nf = 128 Fourier frequencies in the official config).
+The official CIFAR classifiers (``configs/classifier/cifar10_classifier_resnet18_cond_configs.py`` and the
+CIFAR-100 ResNet-34 one) are ``channels=(64, 128, 256, 512)``, ``blocks_per_stage=(2, 2, 2, 2)`` /
+``(3, 4, 6, 3)``, ``norm='batch'``, ``condition='stage'``, ``emb_dim=128`` with 32 Fourier frequencies
+(``classifier.nf = 32``: 2 nf = 64 features -> 4 nf = 128), Fourier scale 16.
 
 Norm choice: with ``norm='batch'`` in training mode the statistics of the batch enter every logit, so
 grad_x log p(y | x_i, sigma) depends on the other examples of the batch (and log p of one example is not a function
 of that example alone); the likelihood score used for sampling must then be computed in eval mode. ``norm='group'``
-(the default) and ``'none'`` keep examples independent in both modes.
+(the default) and ``'none'`` keep examples independent in both modes. dlsm follows the official code: stage 2
+trains in training mode (batch statistics, so DLSM\'s input gradient carries the O(1/B) cross-example terms of the
+batch mean and variance, exactly as the official loss does), and every *use* of a trained classifier -- sampling,
+metrics, snapshots -- runs in eval mode with the running statistics (:class:`dlsm.scores.ModelScores` sets it).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from dlsm.networks import _as_batch, c_in
 __all__ = ["BasicBlock", "ConvClassifier"]
 
 _NORMS = ("group", "batch", "none")
+_CONDITIONS = ("block", "stage")
 
 
 def _norm(kind: str, channels: int, groups: int) -> nn.Module:
@@ -48,12 +58,14 @@ def _norm(kind: str, channels: int, groups: int) -> nn.Module:
 class BasicBlock(nn.Module):
     """out = ReLU(shortcut(x) + N2(conv2(ReLU(N1(conv1(x)) + Dense(SiLU(e)))))), conv1 with the block's stride."""
 
-    def __init__(self, c_in_: int, c_out: int, *, stride: int, emb_dim: int, norm: str, groups: int) -> None:
+    def __init__(
+        self, c_in_: int, c_out: int, *, stride: int, emb_dim: int, norm: str, groups: int, conditioned: bool = True
+    ) -> None:
         super().__init__()
         bias = norm == "none"  # a conv bias before a norm with a shift is redundant (ResNet convention)
         self.conv1 = nn.Conv2d(c_in_, c_out, 3, stride=stride, padding=1, bias=bias)
         self.norm1 = _norm(norm, c_out, groups)
-        self.emb = nn.Linear(emb_dim, c_out)
+        self.emb = nn.Linear(emb_dim, c_out) if conditioned else None
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=bias)
         self.norm2 = _norm(norm, c_out, groups)
         self.shortcut: nn.Module = nn.Identity()
@@ -63,7 +75,9 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(self.conv1(x)) + self.emb(nn.functional.silu(emb))[:, :, None, None]  # per-block channel bias
+        h = self.norm1(self.conv1(x))
+        if self.emb is not None:
+            h = h + self.emb(nn.functional.silu(emb))[:, :, None, None]  # per-block channel bias
         h = self.norm2(self.conv2(nn.functional.relu(h)))
         return nn.functional.relu(h + self.shortcut(x))
 
@@ -82,6 +96,8 @@ class ConvClassifier(nn.Module):
         sigma_data: c_in = 1/sqrt(sigma^2 + sigma_data^2) when given, else 1.
         norm_groups: GroupNorm group count for ``norm='group'``.
         fourier_scale: standard deviation of the Fourier frequencies of log sigma (16 as in the DLSM ResNet).
+        num_frequencies: Fourier frequencies of the embedding; default ``emb_dim // 4``.
+        condition: 'block' (a sigma bias in every block) or 'stage' (one after each stage, the official code).
     """
 
     def __init__(
@@ -96,11 +112,15 @@ class ConvClassifier(nn.Module):
         sigma_data: float | None = None,
         norm_groups: int = 8,
         fourier_scale: float = 16.0,
+        num_frequencies: int | None = None,
+        condition: str = "block",
     ) -> None:
         super().__init__()
         name = "ConvClassifier"
         channels = tuple(channels)
         blocks = (blocks_per_stage,) * len(channels) if isinstance(blocks_per_stage, int) else tuple(blocks_per_stage)
+        if condition not in _CONDITIONS:
+            raise ConfigError(f"{name}: condition must be one of {list(_CONDITIONS)}, got {condition!r}")
         if norm not in _NORMS:
             raise ConfigError(f"{name}: norm must be one of {list(_NORMS)}, got {norm!r}")
         if not channels or any(c < 1 for c in channels) or num_classes < 2:
@@ -115,21 +135,23 @@ class ConvClassifier(nn.Module):
         self.sigma_data = sigma_data
         emb_dim = 4 * channels[0] if emb_dim is None else emb_dim
 
-        self.embed = GaussianFourierEmbedding(emb_dim, scale=fourier_scale)
+        self.embed = GaussianFourierEmbedding(emb_dim, scale=fourier_scale, num_frequencies=num_frequencies)
         self.stem = nn.Sequential(
             nn.Conv2d(self.shape[0], channels[0], 3, padding=1, bias=norm == "none"),
             _norm(norm, channels[0], norm_groups),
             nn.ReLU(),
         )
         self.blocks = nn.ModuleList()
+        self.stage_ends: list[int] = []  # index of each stage's last block
         cur = channels[0]
         for stage, (width, n) in enumerate(zip(channels, blocks, strict=True)):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                self.blocks.append(
-                    BasicBlock(cur, width, stride=stride, emb_dim=emb_dim, norm=norm, groups=norm_groups)
-                )
+                self.blocks.append(BasicBlock(cur, width, stride=stride, emb_dim=emb_dim, norm=norm,
+                                              groups=norm_groups, conditioned=condition == "block"))
                 cur = width
+            self.stage_ends.append(len(self.blocks) - 1)
+        self.stage_emb = nn.ModuleList(nn.Linear(emb_dim, w) for w in channels) if condition == "stage" else None
         self.head = nn.Linear(cur, num_classes)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
@@ -137,8 +159,12 @@ class ConvClassifier(nn.Module):
         sigma = _as_batch(sigma, x)
         emb = self.embed(sigma.log())  # c_noise = log sigma
         h = self.stem(c_in(sigma, self.sigma_data)[:, None, None, None] * x)
-        for block in self.blocks:
+        stage = 0
+        for i, block in enumerate(self.blocks):
             h = block(h, emb)
+            if self.stage_emb is not None and i == self.stage_ends[stage]:
+                h = h + self.stage_emb[stage](nn.functional.silu(emb))[:, :, None, None]  # per-stage channel bias
+                stage += 1
         return self.head(h.mean(dim=(2, 3)))  # global average pooling, linear head
 
     def num_parameters(self) -> int:

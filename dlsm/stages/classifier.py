@@ -9,6 +9,7 @@ import gin
 from torch import nn
 
 from dlsm import config as cfg
+from dlsm import distributed as dist
 from dlsm.errors import ConfigError
 from dlsm.experiment import Run, State, build_network, method_key
 from dlsm.plots import training_curves_figure
@@ -61,7 +62,7 @@ def train_classifiers(
                 runs.setdefault(key, []).append(run_id)
                 if rep == 0:
                     state.classifiers[shape][loss_name], state.curves[key] = model, losses
-    if track_fn is not None and not spec.stage2_run_id:
+    if track_fn is not None and not spec.stage2_run_id and dist.is_main():  # MLflow's histories: rank 0 (torchrun)
         histories = {key: [_history(run.tracker, rid) for rid in ids] for key, ids in runs.items()}
         for shape in spec.classifiers:
             fig = training_curves_figure({

@@ -10,6 +10,7 @@ from pathlib import Path
 import gin
 from torch import nn
 
+from dlsm import distributed as dist
 from dlsm.checkpoints import load_ema_weights
 from dlsm.experiment import Run, seed_everything
 from dlsm.plots import loss_curves
@@ -42,19 +43,25 @@ def fit(
 
     Every network of a stage starts from the same seed (``seed_offset``), so methods compare fairly.
     A stage FINISHED in MLflow whose local checkpoint is gone fetches it from its run's artifacts.
+    Under torchrun every rank trains (same seed, same network); rank 0 fetches, prints and logs.
     """
     tracker = run.tracker
-    with tracker.stage(run.parent_id, stage) as (run_id, done):
+    with tracker.stage(run.parent_id, stage) as answer:
+        run_id, done = dist.share(answer)  # rank 0's run and "already finished" (torchrun)
         t0 = time.perf_counter()
         tracker.log_params(params)
         seed_everything(run.seed(seed_offset))
         with gin.config_scope(scope):
             model = build()
-            if done and not ckpt.exists():
-                fetched = tracker.download_checkpoint(run_id, stage, ckpt.name, key=stage, require_finished=False)
-                shutil.copy(fetched, ckpt)
-            if not done:
-                n = sum(p.numel() for p in model.parameters())
+
+            def fetch() -> None:
+                if done and not ckpt.exists():
+                    fetched = tracker.download_checkpoint(run_id, stage, ckpt.name, key=stage, require_finished=False)
+                    shutil.copy(fetched, ckpt)
+
+            dist.from_main(fetch)
+            if not done and dist.is_main():
+                n = sum(p.numel() for p in model.parameters() if p.requires_grad)  # trainable (not fixed Fourier w)
                 tracker.log_params({"num_parameters": n, "network": type(model).__name__})
                 print(f"dlsm: {stage}: {type(model).__name__} with {n:,} parameters on {run.device}")
             res = train(
@@ -78,10 +85,12 @@ def reuse(run: Run, stage: str, build: Callable[[], nn.Module]) -> tuple[nn.Modu
     key = "experiment.stage1_run_id" if stage == STAGE1 else "experiment.stage2_run_id"
     source = spec.stage1_run_id if stage == STAGE1 else spec.stage2_run_id
     name = "score.pt" if stage == STAGE1 else f"classifier-{stage.removeprefix('stage2-')}.pt"
-    with tracker.stage(run.parent_id, stage) as (run_id, _):
+    with tracker.stage(run.parent_id, stage) as answer:
+        run_id, _ = dist.share(answer)
         tracker.log_params({**run.params, f"reused_{key.split('.')[1]}": source})
         seed_everything(run.seed(1))
         with gin.config_scope("score" if stage == STAGE1 else "classifier"):
             model = build()
-        ema = load_ema_weights(model, tracker.download_checkpoint(source, stage, name, key=key))
+        # rank 0 downloads; every rank reads the file (one machine, or a shared temporary folder)
+        ema = load_ema_weights(model, dist.from_main(lambda: tracker.download_checkpoint(source, stage, name, key=key)))
     return ema.to(run.device), [], run_id

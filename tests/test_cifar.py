@@ -1,0 +1,120 @@
+"""The paper's CIFAR experiment files end to end: ``gin/cifar10.gin`` and ``gin/cifar100.gin`` under ``gin/smoke.gin``
+through ``python -m dlsm.launch`` on tiny archives the test writes in the real format, and the published settings
+the files declare (read back from the operative config the run logs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cifar_archives import make_cifar10, make_cifar100  # tests/, on sys.path
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = str(ROOT / "gin" / "smoke.gin")
+STAGES = {"stage1-score", "stage2-ce", "stage2-total", "sampling", "evaluation", "figures"}
+# the stand-in archives cannot match CIFAR's md5 sums: torchvision's check becomes "the file exists"
+RUNNER = ("import os, sys, torchvision.datasets.cifar as c; "
+          "c.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath); "
+          "from dlsm.launch import main; sys.exit(main(sys.argv[1:]))")
+
+
+def launch(cwd: Path, gin_file: str, data_root: Path, *params: str, timeout: int = 400):
+    cmd = [sys.executable, "-c", RUNNER, "--gin", str(ROOT / "gin" / gin_file), "--gin", SMOKE]
+    cmd += [x for p in params for x in ("--gin_param", p)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATA_ROOT": str(data_root)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _runs(cwd: Path, name: str):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    exp = c.get_experiment_by_name(name)
+    (parent,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'parent'")
+    kids = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return c, parent, {k.data.tags["dlsm.stage"]: k for k in kids}
+
+
+@pytest.mark.parametrize(("gin_file", "classes"), [("cifar10.gin", 10), ("cifar100.gin", 100)])
+def test_cifar_file_runs_every_stage_under_smoke(tmp_path, gin_file, classes):
+    data = tmp_path / "data"
+    if classes == 10:
+        make_cifar10(data, per_batch=20, n_test=10, balanced=True)  # 100 train images, 10 per class
+    else:
+        make_cifar100(data, n_train=400, n_test=100, balanced=True)  # 4 per class: k-NN metrics need k + 1 = 4
+    t0 = time.time()
+    proc = launch(tmp_path, gin_file, data)
+    took = time.time() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert took < 180, took  # gin/smoke.gin: well under 3 minutes, start-up included
+    c, parent, kids = _runs(tmp_path, gin_file.removesuffix(".gin"))
+    assert parent.info.status == "FINISHED" and set(kids) == STAGES
+
+    from dlsm.nets import ConvClassifier, NCSNpp
+
+    # the networks the file declares, at smoke widths
+    score = NCSNpp((3, 32, 32), channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,))
+    assert kids["stage1-score"].data.params["network"] == "NCSNpp"
+    assert int(kids["stage1-score"].data.params["num_parameters"]) == score.num_parameters()
+    clf = ConvClassifier((3, 32, 32), classes, channels=(8, 16), blocks_per_stage=1, norm="batch",
+                         condition="stage", emb_dim=16)
+    assert int(kids["stage2-total"].data.params["num_parameters"]) == clf.num_parameters()
+    # the published settings smoke.gin leaves alone
+    params = parent.data.params
+    assert params["total_loss.reduce"] == "%DLSM_REDUCE" and params["macro.DLSM_REDUCE"] == "'mean'"
+    assert float(params["macro.DLSM_WEIGHT_POWER"]) == 0.0
+    assert params["experiment.sampler"] == "@predictor_corrector" and float(params["predictor_corrector.snr"]) == 0.16
+    assert float(params["schedule.sigma_max"]) == 50.0 and float(params["schedule.sigma_min"]) == pytest.approx(0.01)
+    sampling = kids["sampling"].info.run_id
+    for m in ("base", "scaling", "ours"):
+        z = np.load(c.download_artifacts(sampling, f"samples/samples-{m}.npz", str(tmp_path)))
+        assert z["x"].dtype == np.uint8 and z["x"].shape == (4 * classes, 3, 32, 32)
+        assert np.bincount(z["y"]).tolist() == [4] * classes
+
+
+def test_published_settings_of_the_cifar_files():
+    """What the files declare, read through gin (the paper's Table 2 settings, official code's configs)."""
+    import gin
+
+    from dlsm import components  # noqa: F401
+    from dlsm.config import parse_config
+
+    def q(name: str):
+        value = gin.query_parameter(name)
+        return gin.query_parameter(str(value)) if str(value).startswith("%") else value  # a macro: its value
+
+    gin.clear_config()
+    try:
+        parse_config([str(ROOT / "gin" / "cifar10.gin")], [])
+        assert q("NCSNpp.num_res_blocks") == 8 and q("NCSNpp.channels") == 128
+        assert q("NCSNpp.channel_mult") == (1, 2, 2, 2) and q("NCSNpp.attn_resolutions") == (16,)
+        assert q("score/train.n_iters") == 950001 and q("score/train.batch_size") == 128
+        assert q("score/train.warmup") == 5000 and q("score/train.ema_decay") == 0.999
+        assert q("classifier/train.n_iters") == 60000 and q("classifier/train.batch_size") == 150
+        assert q("classifier/train.ema_decay") == 0.0 and q("ConvClassifier.blocks_per_stage") == (2, 2, 2, 2)
+        assert q("sample.n_per_class") == 5100 and q("noise_schedule.num_scales") == 1000
+        gin.clear_config()
+        parse_config([str(ROOT / "gin" / "cifar100.gin")], [])
+        assert q("classifier/train.n_iters") == 60001 and q("classifier/train.warmup") == 1000
+        assert q("ConvClassifier.blocks_per_stage") == (3, 4, 6, 3) and q("sample.n_per_class") == 600
+        assert q("NCSNpp.num_res_blocks") == 8  # included from cifar10.gin
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize(("gin_file", "folder"), [("cifar10.gin", "cifar-10-batches-py/"),
+                                                   ("cifar100.gin", "cifar-100-python/")])
+def test_cifar_file_offline_without_data_is_one_line(tmp_path, gin_file, folder):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    t0 = time.time()
+    proc = launch(tmp_path, gin_file, empty)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dlsm: error:"), proc.stderr[-2000:]
+    assert str(empty) in lines[0] and folder in lines[0] and time.time() - t0 < 30
+    assert not list(tmp_path.rglob("*.pt"))
