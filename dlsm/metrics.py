@@ -233,9 +233,9 @@ def classifier_metrics(
     out: dict[str, float] = {}
     g = ev.generator(202)
     for sigma in sigmas:
-        idx = torch.randint(0, ev.data.x.shape[0], (n_points,), generator=g)
-        x = ev.data.x[idx] + sigma * torch.randn(ev.data.x[idx].shape, generator=g)
-        y = ev.data.y[idx]
+        idx = torch.randint(0, len(ev.data), (n_points,), generator=g)
+        x0, y = ev.data.batch(idx)  # only these rows in float (ImageData.x would convert the whole dataset)
+        x, y = x0.cpu() + sigma * torch.randn(x0.shape, generator=g), y.cpu()
         for name, clf in ev.classifiers.items():
             dev = next(clf.parameters()).device  # the experiment's device; the data stay on the CPU
             with torch.no_grad():

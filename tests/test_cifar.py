@@ -118,3 +118,80 @@ def test_cifar_file_offline_without_data_is_one_line(tmp_path, gin_file, folder)
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dlsm: error:"), proc.stderr[-2000:]
     assert str(empty) in lines[0] and folder in lines[0] and time.time() - t0 < 30
     assert not list(tmp_path.rglob("*.pt"))
+
+
+# ---- on a GPU (skipped without one): the CIFAR networks on CUDA, bf16, compile, device generators ------------------
+
+
+needs_cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+def test_cuda_cifar_networks_match_cpu_in_float64():
+    import torch
+
+    from dlsm.nets import ConvClassifier, NCSNpp, NCSNv2
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    sig = torch.tensor([0.01, 1.0, 50.0], dtype=torch.float64)
+    nets = [NCSNpp((3, 32, 32), channels=32, num_res_blocks=1, init_scale=1.0), NCSNv2((3, 32, 32), ngf=16),
+            ConvClassifier((3, 32, 32), 10, channels=(16, 32, 64, 128), blocks_per_stage=(2, 2, 2, 2), norm="batch",
+                           condition="stage", emb_dim=128, num_frequencies=32)]
+    for net in nets:
+        net = net.double().eval()
+        cpu = net(x, sig)
+        gpu = net.to("cuda")(x.cuda(), sig.cuda())
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-8, atol=1e-8)
+
+
+@needs_cuda
+def test_cuda_bf16_dsm_and_dlsm_within_two_percent_of_fp32():
+    """The fast path's bf16 autocast: DSM and the official DLSM' agree with fp32 on one batch within 2 %."""
+    import torch
+
+    from dlsm.losses import dsm_loss, total_loss
+    from dlsm.nets import ConvClassifier, NCSNpp
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    score = NCSNpp((3, 32, 32), channels=32, num_res_blocks=1, init_scale=1.0).to(dev)
+    clf = ConvClassifier((3, 32, 32), 10, channels=(16, 32, 64, 128), blocks_per_stage=(2, 2, 2, 2), norm="batch",
+                         condition="stage").to(dev)
+    g = torch.Generator(dev).manual_seed(0)
+    x = torch.rand((32, 3, 32, 32), generator=g, device=dev)
+    y = torch.randint(0, 10, (32,), generator=g, device=dev)
+    sigma = 0.01 * 5000 ** torch.rand(32, generator=g, device=dev)
+    noise = torch.randn(x.shape, generator=g, device=dev)
+    for fn in (lambda: dsm_loss(score, x, sigma, noise),
+               lambda: total_loss(clf, score.eval(), x, y, sigma, noise, lam=0.0, weight_power=0.0, reduce="mean")):
+        ref = fn().float().mean()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = fn()
+        assert low.dtype == torch.float32  # the losses accumulate in float32 under autocast
+        assert float(low.mean()) == pytest.approx(float(ref), rel=2e-2)
+
+
+@needs_cuda
+def test_cuda_compiled_ncsnpp_matches_eager_and_guided_pc_is_reproducible():
+    import torch
+
+    from dlsm.nets import ConvClassifier, NCSNpp
+    from dlsm.samplers import predictor_corrector
+    from dlsm.scores import ModelScores
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    score = NCSNpp((3, 32, 32), channels=32, num_res_blocks=1, init_scale=1.0).to(dev).eval()
+    x = torch.rand(8, 3, 32, 32, device=dev)
+    torch.testing.assert_close(torch.compile(score)(x, 0.5), score(x, 0.5), rtol=1e-3, atol=1e-3)
+    clf = ConvClassifier((3, 32, 32), 10, channels=(16, 32), norm="batch", condition="stage").to(dev)
+    scores = ModelScores(score, clf, alpha=10.0)
+    sigmas = torch.tensor([5.0, 1.0, 0.1])
+    runs = []
+    for _ in range(2):
+        g = torch.Generator(dev).manual_seed(3)
+        x0 = 5.0 * torch.randn((8, 3, 32, 32), generator=g, device=dev)
+        runs.append(predictor_corrector(scores.posterior_fn(4), x0, sigmas, generator=g, disable=True))
+    assert runs[0].is_cuda  # same generator seed, same samples (up to non-deterministic cuDNN kernels)
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,50 @@
+"""Metrics of image samples, as the DLSM paper's Table 2 uses them (each a plain function of features and labels):
+
+- ``dlsm.eval.prdc``: precision / recall (Kynkaanniemi et al. 2019), density / coverage (Naeem et al. 2020), chunked
+  on the device; ``classwise`` for the paper's "(CW)" rows;
+- ``dlsm.eval.fid``: FID, KID, IS through torchmetrics, from features; Inception-v3 features from a local weights file;
+- ``dlsm.eval.evaluator``: the project's own evaluator classifier (features, logits, sample accuracy), cached;
+- ``dlsm.eval.cas``: the classification accuracy score (Ravuri & Vinyals 2019).
+
+``from dlsm.eval.prdc import prdc`` for the function (the module keeps the metric's name).
+"""
+
+from dlsm.eval.cas import cas
+from dlsm.eval.evaluator import (
+    EVALUATOR_VERSION,
+    EvaluatorNet,
+    evaluator_cache_path,
+    features_and_logits,
+    load_or_train_evaluator,
+    sample_accuracy,
+    train_evaluator,
+)
+from dlsm.eval.fid import (
+    fid_from_features,
+    inception_features,
+    inception_score_from_logits,
+    inception_score_from_probs,
+    inception_weights_path,
+    kid_from_features,
+    load_inception,
+)
+from dlsm.eval.prdc import classwise
+
+__all__ = [
+    "EVALUATOR_VERSION",
+    "EvaluatorNet",
+    "cas",
+    "classwise",
+    "evaluator_cache_path",
+    "features_and_logits",
+    "fid_from_features",
+    "inception_features",
+    "inception_score_from_logits",
+    "inception_score_from_probs",
+    "inception_weights_path",
+    "kid_from_features",
+    "load_inception",
+    "load_or_train_evaluator",
+    "sample_accuracy",
+    "train_evaluator",
+]
