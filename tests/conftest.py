@@ -10,6 +10,8 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -32,3 +34,18 @@ def _restore_environ():
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection or DNS look-up raises and is recorded (tests of offline behaviour)."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import socket
 import time
 
 import numpy as np
@@ -358,21 +357,6 @@ def test_inception_score_rejects_non_probabilities():
 
 
 # --------------------------------------------------------------------------------------- Inception-v3 offline
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any connection or DNS look-up raises and is recorded."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return attempts
 
 
 @pytest.fixture

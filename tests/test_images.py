@@ -2,7 +2,6 @@
 
 import os
 import pickle
-import socket
 import time
 from collections import Counter
 
@@ -22,21 +21,6 @@ def stand_in_md5(monkeypatch):
     import torchvision.datasets.cifar
 
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any connection or DNS look-up raises and is recorded."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return attempts
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
