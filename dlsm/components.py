@@ -3,6 +3,7 @@
 from dlsm import (  # noqa: F401
     data,
     device,
+    eval,
     experiment,
     images,
     losses,

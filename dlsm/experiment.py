@@ -81,6 +81,8 @@ class State:
     oracle: object | None = None
     samples: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # method -> class -> samples
     metrics: dict[str, float] = field(default_factory=dict)
+    feature_nets: list | None = None  # images: dlsm.eval.suite feature networks, built once when first needed
+    stream: object | None = None  # images: features of the samples, computed while sampling (FeatureStream)
 
     def methods(self, spec: ExperimentSpec) -> dict[str, object]:
         """The sampled methods in a fixed order: every classifier shape's (base, scaling, ours, ...), then
@@ -304,6 +306,10 @@ def run_experiment(
     data = dist.main_first(spec.dataset)  # a missing dataset fails here, before any MLflow run or checkpoint exists
     schedule = noise_schedule(data)  # reads data.x only for 'auto' sigma_max / num_scales
     check_networks(spec, data)
+    if len(tuple(getattr(data, "shape", ()))) == 3:  # images: Inception weights, if bound, exist (nothing downloads)
+        from dlsm.eval.suite import preflight
+
+        preflight()
 
     def find_run() -> str | None:
         resume_id = None if fresh else tracker.unfinished_parent(chash)

@@ -9,7 +9,9 @@ torchmetrics has image-feature metrics (FID, IS) but neither of these for raw po
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gin
 import torch
@@ -46,6 +48,14 @@ class Evaluation:
     samples: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     oracle: OracleScores | None = None
     seed: int = 0
+    # image experiments (dlsm.eval.suite.image_metrics): the test split, where networks run, the cache of the
+    # evaluator and of real-data features, the features streamed while sampling, and the feature networks
+    test_data: Callable[[], object] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache_dir: Path = Path(".dlsm/cache")
+    stream: object | None = None
+    feature_nets: Callable[[], list] = list
+    artifacts: dict[str, object] = field(default_factory=dict)  # suites' tables / figures, logged by evaluate
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)

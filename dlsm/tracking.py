@@ -17,6 +17,7 @@ import os
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # the project sends no telemetry
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars before a one-line error
 
 import contextlib  # noqa: E402
 import logging  # noqa: E402
@@ -275,6 +276,15 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         mlflow.log_text(text, artifact_file)
 
+    def log_text_to(self, run_id: str, text: str, artifact_file: str) -> None:
+        """A text artifact in another run than the active one (e.g. a table beside the samples it scores)."""
+        self.client.log_text(run_id, text, artifact_file)
+
+    def stage_run_id(self, parent_id: str, stage: str) -> str | None:
+        """The run id of the latest ``stage`` child of ``parent_id``, or None."""
+        run = self.child(parent_id, stage)
+        return run.info.run_id if run is not None else None
+
     def log_figure(self, fig, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
 
@@ -353,6 +363,12 @@ class NullTracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
+
+    def log_text_to(self, run_id: str, text: str, artifact_file: str) -> None:
+        pass
+
+    def stage_run_id(self, parent_id: str, stage: str) -> str | None:  # noqa: ARG002
+        return None
 
     def log_figure(self, fig, artifact_file: str) -> None:  # noqa: ARG002
         import matplotlib.pyplot as plt

@@ -42,7 +42,8 @@ FLAT = PIXEL[0] * 1024 + PIXEL[1] * 32 + PIXEL[2]
 
 def make_cifar10(root, per_batch=2, n_test=3, seed=0, balanced=False):
     """Writes root/cifar-10-batches-py/; returns (train rows, train labels, test rows, test labels).
-    ``balanced``: labels cycle through the classes (every class gets 5 * per_batch / 10 images) instead of random."""
+    ``balanced``: labels cycle through the classes (every class gets 5 * per_batch / 10 training images and
+    n_test / 10 test images) instead of random."""
     rng = np.random.default_rng(seed)
     d = root / "cifar-10-batches-py"
     d.mkdir(parents=True)
@@ -58,6 +59,8 @@ def make_cifar10(root, per_batch=2, n_test=3, seed=0, balanced=False):
         rows.append(r)
         labels += lab
     test_r, test_l = _rows(rng, n_test), [int(v) for v in rng.integers(0, 10, n_test)]
+    if balanced:
+        test_l = [i % 10 for i in range(n_test)]
     test_r[0, FLAT] = 7
     _write_py2(d / "test_batch", {b"batch_label": b"testing batch 1 of 1", b"labels": test_l, b"data": test_r,
                                   b"filenames": [b"x.png"] * n_test})

@@ -23,10 +23,10 @@ RUNNER = ("import os, sys, torchvision.datasets.cifar as c; "
           "from dlsm.launch import main; sys.exit(main(sys.argv[1:]))")
 
 
-def launch(cwd: Path, gin_file: str, data_root: Path, *params: str, timeout: int = 400):
+def launch(cwd: Path, gin_file: str, data_root: Path, *params: str, timeout: int = 400, env: dict | None = None):
     cmd = [sys.executable, "-c", RUNNER, "--gin", str(ROOT / "gin" / gin_file), "--gin", SMOKE]
     cmd += [x for p in params for x in ("--gin_param", p)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATA_ROOT": str(data_root)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATA_ROOT": str(data_root), **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -44,11 +44,11 @@ def _runs(cwd: Path, name: str):
 def test_cifar_file_runs_every_stage_under_smoke(tmp_path, gin_file, classes):
     data = tmp_path / "data"
     if classes == 10:
-        make_cifar10(data, per_batch=20, n_test=10, balanced=True)  # 100 train images, 10 per class
-    else:
-        make_cifar100(data, n_train=400, n_test=100, balanced=True)  # 4 per class: k-NN metrics need k + 1 = 4
+        make_cifar10(data, per_batch=20, n_test=40, balanced=True)  # 100 train images, 10 per class; 4 test
+    else:  # 4 per class in both splits: the k-NN metrics (k = 3) need k + 1, the real row uses the test split
+        make_cifar100(data, n_train=400, n_test=400, balanced=True)
     t0 = time.time()
-    proc = launch(tmp_path, gin_file, data)
+    proc = launch(tmp_path, gin_file, data, "image_features.networks = [@evaluator_network]")  # no Inception here
     took = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert took < 180, took  # gin/smoke.gin: well under 3 minutes, start-up included
@@ -117,6 +117,20 @@ def test_cifar_file_offline_without_data_is_one_line(tmp_path, gin_file, folder)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dlsm: error:"), proc.stderr[-2000:]
     assert str(empty) in lines[0] and folder in lines[0] and time.time() - t0 < 30
+    assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_cifar10_without_inception_weights_stops_in_seconds_before_training(tmp_path):
+    """cifar10.gin binds Inception-v3 features; with the data but no weights file (nothing downloads), the run stops
+    before anything trains, with one line naming the binding to set."""
+    data = tmp_path / "data"
+    make_cifar10(data, per_batch=20, n_test=40, balanced=True)
+    t0 = time.time()
+    proc = launch(tmp_path, "cifar10.gin", data, env={"TORCH_HOME": str(tmp_path / "torch")})  # an empty hub cache
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("dlsm: error: Inception-v3 weights not found (nothing is downloaded)")
+    assert "inception_network.weights_path" in lines[0] and time.time() - t0 < 30
     assert not list(tmp_path.rglob("*.pt"))
 
 

@@ -98,6 +98,60 @@ def test_same_noise_gives_base_and_scaling_the_same_start(digits_run, tmp_path):
     assert not np.array_equal(base, scaling)
 
 
+def test_digits_table2_metrics_tables_and_figure4_are_logged(digits_run, tmp_path):
+    """image_metrics (gin/digits.gin): the paper's Table 2 names with the feature network after a dot, the real row,
+    CAS and sample accuracy; the markdown table in the evaluation run and beside the samples; Figure 4."""
+    _, c, parent, kids = digits_run
+    m = kids["evaluation"].data.metrics
+    for method in ("real", "base", "scaling", "ours"):
+        for key in ("fid.evaluator", "kid.evaluator", "is.evaluator", "precision.evaluator", "coverage.evaluator",
+                    "cw/fid.evaluator", "cw/recall.evaluator", "cw/density.evaluator", "cas", "sample_acc"):
+            assert math.isfinite(m[f"{method}/{key}"]), (method, key)
+    assert 0.0 <= m["ours/sample_acc"] <= 1.0
+    assert m["real/sample_acc"] == pytest.approx(m["evaluator/test_acc"], abs=1 / 360)  # one test image at most
+    assert parent.data.metrics["ours/fid.evaluator"] == m["ours/fid.evaluator"]  # also on the parent run
+    ev_arts, sampling_arts = artifacts(c, kids["evaluation"].info.run_id), artifacts(c, kids["sampling"].info.run_id)
+    assert {"tables/table2.evaluator.md", "plots/figure4.evaluator.png", "tables/per_class.evaluator.json"} <= ev_arts
+    assert "tables/table2.evaluator.md" in sampling_arts
+    table = Path(c.download_artifacts(kids["sampling"].info.run_id, "tables/table2.evaluator.md", str(tmp_path)))
+    rows = [ln for ln in table.read_text().splitlines() if ln.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows] == ["method", "real", "base", "scaling", "ours"]
+    assert f"{m['ours/fid.evaluator']:.4g}" in rows[-1]
+
+
+def _evaluate(cwd: Path, *args: str):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "dlsm.evaluate", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_dlsm_evaluate_recomputes_the_streamed_metrics_from_the_saved_samples(digits_run):
+    """python -m dlsm.evaluate --run PARENT: the same numbers from the uint8 samples as streamed while sampling;
+    --run SAMPLING_RUN with another k: a new re-evaluation run with that k; an unknown run: one line."""
+    cwd, c, parent, kids = digits_run
+    proc = _evaluate(cwd, "--run", parent.info.run_id)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    streamed = kids["evaluation"].data.metrics
+
+    def latest_reevaluation():
+        runs = c.search_runs([parent.info.experiment_id], filter_string="tags.`dlsm.stage` = 're-evaluation'",
+                             order_by=["attributes.start_time DESC"])
+        return runs[0]
+
+    again = latest_reevaluation().data.metrics
+    for key in ("ours/fid.evaluator", "base/precision.evaluator", "scaling/cw/coverage.evaluator", "ours/cas",
+                "base/sample_acc", "real/recall.evaluator"):
+        assert again[key] == pytest.approx(streamed[key], rel=1e-4, abs=1e-6), key
+    proc = _evaluate(cwd, "--run", kids["sampling"].info.run_id, "--gin_param", "image_metrics.k = 1",
+                     "--gin_param", "image_metrics.with_cas = False")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = latest_reevaluation()
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and "ours/cas" not in run.data.metrics
+    assert "k = 1" in Path(c.download_artifacts(run.info.run_id, "tables/table2.evaluator.md", str(cwd))).read_text()
+    line = _one_line(_evaluate(cwd, "--run", "0123456789abcdef"))
+    assert "--run 0123456789abcdef: no such MLflow run" in line
+
+
 def _one_line(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dlsm: error:"), proc.stderr[-2000:]

@@ -378,12 +378,12 @@ def test_missing_inception_weights_offline_is_one_fast_line(empty_caches, no_net
     assert time.perf_counter() - t0 < 5.0
     cached = empty_caches / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     assert one_line(err) == ("Inception-v3 weights not found (nothing is downloaded): download "
-                             f"{INCEPTION_WEIGHTS_URL} and set inception_features.weights_path to that file, "
+                             f"{INCEPTION_WEIGHTS_URL} and set inception_network.weights_path to that file, "
                              f"or put it at {cached}")
     missing = empty_caches / "nowhere.pth"
     with pytest.raises(ConfigError) as err:
         inception_features(images, weights_path=missing)
-    assert one_line(err).startswith(f"inception_features.weights_path={missing} does not exist")
+    assert one_line(err).startswith(f"inception_network.weights_path={missing} does not exist")
     assert no_network == [] and downloads == []
     assert not (empty_caches / "torch").exists() and not (empty_caches / "cache").exists()  # nothing written
 

@@ -12,7 +12,7 @@ import torch
 from diffusers import UNet2DModel
 
 from dlsm.errors import ConfigError, print_error
-from dlsm.nets.ncsnpp import NCSNpp, closest_unet2d_config
+from dlsm.nets.ncsnpp import NCSNpp, closest_unet2d_config, upfirdn2d
 
 F = torch.nn.functional
 TINY = {"channels": 8, "channel_mult": (1, 2), "num_res_blocks": 2, "attn_resolutions": (4,), "dropout": 0.0}
@@ -127,6 +127,24 @@ def test_forward_matches_the_docstring_written_out_in_float64(shape):
     torch.testing.assert_close(net(x, sigma), _reference(p, 2 * x - 1, sigma), rtol=1e-10, atol=1e-10)
     net.centered_input = True
     torch.testing.assert_close(net(x, sigma), _reference(p, x, sigma), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("up", "down", "pad", "gain"),
+    [(1, 2, (1, 1), 1.0), (2, 1, (2, 1), 4.0), (1, 1, (2, 2), 1.0), (3, 2, (0, 3), 2.0)],
+)
+def test_upfirdn2d_equals_diffusers_upfirdn2d_native_in_values_and_gradients(up, down, pad, gain):
+    """The grouped-conv FIR resampling that replaces diffusers' reshape-to-one-channel version inside NCSN++."""
+    from diffusers.models.upsampling import upfirdn2d_native
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    kernel = torch.rand(4, 4, dtype=torch.float64, generator=g) * gain  # not symmetric: the flip matters
+    ours, theirs = upfirdn2d(x, kernel, up=up, down=down, pad=pad), upfirdn2d_native(x, kernel, up, down, pad)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    cot = torch.randn(ours.shape, dtype=torch.float64, generator=g)
+    (g_ours,), (g_theirs,) = torch.autograd.grad(ours, x, cot), torch.autograd.grad(theirs, x, cot)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-12, atol=1e-12)
 
 
 # ---- preconditioning and sigma --------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
   on the device; ``classwise`` for the paper's "(CW)" rows;
 - ``dlsm.eval.fid``: FID, KID, IS through torchmetrics, from features; Inception-v3 features from a local weights file;
 - ``dlsm.eval.evaluator``: the project's own evaluator classifier (features, logits, sample accuracy), cached;
-- ``dlsm.eval.cas``: the classification accuracy score (Ravuri & Vinyals 2019).
+- ``dlsm.eval.cas``: the classification accuracy score (Ravuri & Vinyals 2019);
+- ``dlsm.eval.suite``: all of them as the gin-bound suite ``image_metrics`` (Table 2, Figure 4), feature networks
+  ``evaluator_network`` / ``inception_network``, features streamed while sampling and cached for the real data.
 
 ``from dlsm.eval.prdc import prdc`` for the function (the module keeps the metric's name).
 """
@@ -29,16 +31,31 @@ from dlsm.eval.fid import (
     load_inception,
 )
 from dlsm.eval.prdc import classwise
+from dlsm.eval.suite import (
+    FeatureNet,
+    FeatureStream,
+    evaluator_network,
+    image_features,
+    image_metrics,
+    inception_network,
+    table2_markdown,
+)
 
 __all__ = [
     "EVALUATOR_VERSION",
     "EvaluatorNet",
+    "FeatureNet",
+    "FeatureStream",
     "cas",
     "classwise",
     "evaluator_cache_path",
+    "evaluator_network",
     "features_and_logits",
     "fid_from_features",
+    "image_features",
+    "image_metrics",
     "inception_features",
+    "inception_network",
     "inception_score_from_logits",
     "inception_score_from_probs",
     "inception_weights_path",
@@ -46,5 +63,6 @@ __all__ = [
     "load_inception",
     "load_or_train_evaluator",
     "sample_accuracy",
+    "table2_markdown",
     "train_evaluator",
 ]

@@ -11,7 +11,7 @@ computed (and returned) in float64.
 
 Features come from ``inception_features`` (torch-fidelity's Inception-v3, the network torchmetrics'
 ``FrechetInceptionDistance(feature=2048)`` wraps), which never downloads: the weights are a local file,
-``weights_path`` (gin: ``inception_features.weights_path``), else torch-hub's cache.
+``weights_path`` (gin: ``inception_network.weights_path`` for the suite), else torch-hub's cache.
 
 The official DLSM evaluation (``run_lib_evaluation.py``) computes the same quantities with tensorflow-gan
 on the TF-Hub Inception (pool_3 / logits): FID over all samples and class-wise, IS over all samples at
@@ -209,13 +209,13 @@ def inception_weights_path(weights_path: str | os.PathLike | None = None) -> Pat
     if weights_path is not None:
         path = Path(weights_path).expanduser().absolute()
         if not path.is_file():
-            raise ConfigError(f"inception_features.weights_path={path} does not exist: download "
+            raise ConfigError(f"inception_network.weights_path={path} does not exist: download "
                               f"{INCEPTION_WEIGHTS_URL} there, or fix the binding")
         return path
     cached = Path(torch.hub.get_dir()) / "checkpoints" / _WEIGHTS_FILE
     if not cached.is_file():
         raise ConfigError(f"Inception-v3 weights not found (nothing is downloaded): download {INCEPTION_WEIGHTS_URL} "
-                          f"and set inception_features.weights_path to that file, or put it at {cached}")
+                          f"and set inception_network.weights_path to that file, or put it at {cached}")
     return cached
 
 
@@ -255,7 +255,7 @@ def inception_features(
     ``images``: uint8 (N, 3, H, W) in [0, 255], or float in [0, 1] (converted like the official DLSM code,
     uint8(clip(255 x)), truncating); one channel is repeated to RGB. Runs on the images' device in
     batches of ``batch_size``; returns float32 tensors on that device. Weights: ``weights_path``
-    (gin: ``inception_features.weights_path``) else torch-hub's cache; offline, nothing is downloaded.
+    (gin: ``inception_network.weights_path`` for the suite) else torch-hub's cache; offline, nothing is downloaded.
     """
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__

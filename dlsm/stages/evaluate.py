@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import gin
 
@@ -13,13 +15,46 @@ from dlsm.experiment import Run, State, method_key
 from dlsm.metrics import Evaluation, classifier_metrics, sample_metrics
 from dlsm.plots import loss_curves
 
-__all__ = ["evaluate", "figures"]
+__all__ = ["cache_dir", "evaluate", "feature_nets", "figures", "log_artifacts", "test_split"]
+
+
+def cache_dir(run: Run) -> Path:
+    """Where evaluators and real-data features are cached: ``{experiment.workdir}/cache`` (shared by experiments)."""
+    return Path(run.spec.workdir) / "cache"
+
+
+def test_split(run: Run) -> Callable[[], object]:
+    """The experiment's dataset with ``split='test'`` (images), loaded when first asked for."""
+    return lambda: run.spec.dataset(split="test")
+
+
+def feature_nets(run: Run, state: State) -> list:
+    """The image feature networks (``image_features``), built once per launch and kept in ``state``."""
+    if state.feature_nets is None:
+        from dlsm.eval.suite import image_features
+
+        state.feature_nets = image_features(state.data, test_split(run)(), device=run.device, cache_dir=cache_dir(run))
+    return state.feature_nets
 
 
 def _evaluation(run: Run, state: State) -> Evaluation:
     flat = {method_key(n, shape): c for shape, per in state.classifiers.items() for n, c in per.items()}
     return Evaluation(state.data, state.schedule, state.methods(run.spec), flat, samples=state.samples,
-                      oracle=state.oracle, seed=run.seed(31))
+                      oracle=state.oracle, seed=run.seed(31), test_data=test_split(run), device=run.device,
+                      cache_dir=cache_dir(run), stream=state.stream, feature_nets=lambda: feature_nets(run, state))
+
+
+def log_artifacts(tracker, artifacts: dict[str, object], *, also_to: str | None = None) -> None:
+    """Suites' tables (``.md``: also to run ``also_to``, the sampling run), JSON data and figures, in the active run."""
+    for name, obj in artifacts.items():
+        if name.endswith(".md"):
+            tracker.log_text(obj, name)
+            if also_to:
+                tracker.log_text_to(also_to, obj, name)
+        elif name.endswith(".json"):
+            tracker.log_text(json.dumps(obj, indent=1, sort_keys=True), name)
+        else:
+            tracker.log_figure(obj, name)
 
 
 @gin.configurable(denylist=["run", "state"])
@@ -32,6 +67,10 @@ def evaluate(run: Run, state: State, *, suites: Sequence[Callable] = (classifier
         for suite in suites:
             state.metrics.update(suite(ev))
         run.tracker.log_metrics(state.metrics)
+        log_artifacts(run.tracker, ev.artifacts, also_to=run.tracker.stage_run_id(run.parent_id, "sampling"))
+        for name in ev.artifacts:
+            if name.endswith(".md"):
+                print(ev.artifacts[name])
         run.timings["time/evaluation_s"] = time.perf_counter() - t0
         run.tracker.log_metrics({"wall_seconds": run.timings["time/evaluation_s"]})
     return state

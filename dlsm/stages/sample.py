@@ -33,10 +33,11 @@ def _is_image(data) -> bool:
 
 def sample_class(
     sampler: Callable, score_fn, schedule, shape: tuple[int, ...], n: int, *, seed: int, device: torch.device,
-    batch_size: int | None = None,
+    batch_size: int | None = None, on_batch: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """``n`` samples of one class in batches of ``batch_size``: x_0 ~ N(0, sigma_max^2 I) then ``sampler``,
-    every random number from one generator on ``device`` seeded with ``seed``."""
+    every random number from one generator on ``device`` seeded with ``seed``; ``on_batch(x)`` sees each batch
+    as it is finished (streamed features)."""
     gen = make_generator(seed, device)
     kwargs = {}
     if "eps" in inspect.signature(inspect.unwrap(sampler)).parameters:  # Langevin: step settings of the schedule
@@ -46,6 +47,8 @@ def sample_class(
         m = min(batch_size or n, n - start)
         x0 = prior_sample((m, *shape), schedule.sigma_max, generator=gen, device=device)
         out.append(sampler(score_fn, x0, schedule.sigmas, generator=gen, **kwargs))
+        if on_batch is not None:
+            on_batch(out[-1])
     return torch.cat(out)
 
 
@@ -109,13 +112,16 @@ def parzen_oracle(run: Run, state: State) -> State:
 @gin.configurable(denylist=["run", "state"])
 def sample(
     run: Run, state: State, *, n_per_class: int | dict | None = None, batch_size: int | None = None,
-    same_noise: bool = False, grid_columns: int = 10,
+    same_noise: bool = False, grid_columns: int = 10, stream_features: bool = False,
 ) -> State:
     """Sampling (child run ``sampling``): M_i = ``n_per_class`` samples of every class i for every method
     (default: the class's count in the training data), in batches of ``batch_size`` (default: a class
     at once), with ``experiment.sampler`` on the device. The generator of method j and class c is
     seeded with seed + 41 + 100 j + c, or seed + 41 + c for every method with ``same_noise`` (the same
-    starting noise and Langevin noise for base, scaling and ours: the paper's Figure 3)."""
+    starting noise and Langevin noise for base, scaling and ours: the paper's Figure 3).
+
+    ``stream_features`` (images): the feature networks of the evaluation (``image_features``) see each batch as
+    it is generated (uint8, as saved); ``image_metrics`` then uses these features instead of a second pass."""
     spec, data, schedule = run.spec, state.data, state.schedule
     counts = class_counts(data, n_per_class)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -125,11 +131,23 @@ def sample(
     with run.tracker.stage(run.parent_id, "sampling"):
         t0 = time.perf_counter()
         run.tracker.log_params({**run.params, "alpha": spec.alpha, "n_per_class": str(counts)})
+        stream = None
+        if stream_features and image:
+            from dlsm.eval.suite import FeatureStream
+            from dlsm.stages.evaluate import feature_nets
+
+            stream = state.stream = FeatureStream(feature_nets(run, state))
+
+        def streamer(name: str, c: int) -> Callable[[torch.Tensor], None] | None:
+            if stream is None:
+                return None
+            return lambda x: stream.add(name, data.decode(x), torch.full((len(x),), c, dtype=torch.int64))
+
         for j, (name, scores) in enumerate(state.methods(spec).items()):
             state.samples[name] = {
                 c: sample_class(spec.sampler, scores.posterior_fn(c), schedule, tuple(data.shape), counts[c],
                                 seed=run.seed(41 + (0 if same_noise else 100 * j) + c), device=run.device,
-                                batch_size=batch_size).cpu()
+                                batch_size=batch_size, on_batch=streamer(name, c)).cpu()
                 for c in range(data.num_classes)
             }
             path = run.rundir / f"samples-{name}.npz"
