@@ -39,15 +39,15 @@ def parzen_score(
     """
     out_dtype = x.dtype
     dtype = torch.float64
-    data = data.reshape(data.shape[0], -1).to(dtype)
+    data = data.reshape(data.shape[0], -1).to(device=x.device, dtype=dtype)
     q = x.reshape(x.shape[0], -1).to(dtype)
-    sig = torch.as_tensor(sigma, dtype=dtype).expand(q.shape[0])
+    sig = torch.as_tensor(sigma, dtype=dtype, device=x.device).expand(q.shape[0])
     sq_data = (data * data).sum(1)
     out = torch.empty_like(q)
     for qs in range(0, q.shape[0], query_chunk):
         qc, sc = q[qs : qs + query_chunk], sig[qs : qs + query_chunk, None]
-        run_max = torch.full((qc.shape[0], 1), -torch.inf, dtype=dtype)
-        run_sum = torch.zeros((qc.shape[0], 1), dtype=dtype)
+        run_max = torch.full((qc.shape[0], 1), -torch.inf, dtype=dtype, device=x.device)
+        run_sum = torch.zeros((qc.shape[0], 1), dtype=dtype, device=x.device)
         run_vec = torch.zeros_like(qc)
         sq_q = (qc * qc).sum(1, keepdim=True)
         for ds in range(0, data.shape[0], data_chunk):

@@ -18,6 +18,7 @@ from torch import nn
 ScoreFn = Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]
 
 __all__ = [
+    "ExactLikelihoodScores",
     "ModelScores",
     "PosteriorSMScores",
     "ScoreFn",
@@ -107,6 +108,29 @@ class ModelScores:
     def likelihood(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int) -> torch.Tensor:
         labels = torch.full((x.shape[0],), y, dtype=torch.long, device=x.device)
         return self.alpha * likelihood_score(self.classifier, x, sigma, labels)
+
+    def posterior(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int) -> torch.Tensor:
+        return self.prior(x, sigma) + self.likelihood(x, sigma, y)
+
+    def posterior_fn(self, y: int) -> ScoreFn:
+        return lambda x, sigma: self.posterior(x, sigma, y)
+
+
+class ExactLikelihoodScores:
+    """The prior model with a perfect classifier: s(x; phi) + alpha grad_x log p_sigma(y|x), the likelihood term of
+    the Parzen oracle of the training data (``oracle``: :class:`dlsm.oracle.OracleScores`; its Bayes-rule
+    likelihood, Eq. (2) of the DLSM paper with exact densities). The sanity row "what would a perfect classifier
+    buy with this score model and sampler" of a Table 2 reproduction."""
+
+    def __init__(self, score_model: nn.Module, oracle, *, alpha: float = 1.0) -> None:
+        self.score_model, self.oracle, self.alpha = _eval(score_model), oracle, alpha
+
+    def prior(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        with torch.no_grad():
+            return self.score_model(x, sigma)
+
+    def likelihood(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int) -> torch.Tensor:
+        return self.alpha * self.oracle.likelihood(x, sigma, y)
 
     def posterior(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int) -> torch.Tensor:
         return self.prior(x, sigma) + self.likelihood(x, sigma, y)

@@ -152,6 +152,59 @@ def test_dlsm_evaluate_recomputes_the_streamed_metrics_from_the_saved_samples(di
     assert "--run 0123456789abcdef: no such MLflow run" in line
 
 
+def test_sanity_rows_unconditional_and_exact_likelihood(tmp_path):
+    """Issue 15's sanity rows through the launcher: 'uncond' (alpha = 0: the prior score alone) and 'exact' (the
+    prior model plus the Parzen oracle's exact likelihood, stage exact_likelihood) are sampled and scored like base
+    and ours, and sit in Table 2."""
+    methods = "{'uncond': ('ce', 0.0), 'base': ('ce', 1.0), 'ours': ('total', 1.0)}"
+    proc = launch(tmp_path, f"experiment.sampling_methods = {methods}",
+                  "experiment.stages = [@train_score_model, @train_classifiers, @exact_likelihood, @sample, @evaluate]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("digits")
+    (ev,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.stage` = 'evaluation'")
+    for method in ("uncond", "base", "ours", "exact"):
+        assert math.isfinite(ev.data.metrics[f"{method}/fid.evaluator"]), method
+        assert 0.0 <= ev.data.metrics[f"{method}/sample_acc"] <= 1.0
+    table = Path(c.download_artifacts(ev.info.run_id, "tables/table2.evaluator.md", str(tmp_path))).read_text()
+    rows = [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| ")]
+    assert rows == ["method", "real", "uncond", "base", "ours", "exact"]
+
+
+def test_frontier_file_runs_under_smoke_with_every_point(tmp_path):
+    """gin/digits_frontier.gin + smoke.gin: four classifiers (CE, Total at lambda 0.125, 1, 8), every (classifier,
+    alpha) point, 'uncond' and 'exact' sampled and scored in one launch."""
+    import gin
+
+    cmd = [sys.executable, "-m", "dlsm.launch", "--gin", str(ROOT / "gin" / "digits_frontier.gin"), "--gin", SMOKE]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    from dlsm import components  # noqa: F401
+    from dlsm.config import parse_config
+
+    gin.clear_config()
+    try:
+        parse_config([str(ROOT / "gin" / "digits_frontier.gin")], [])
+        methods = gin.query_parameter("experiment.sampling_methods")
+        losses = gin.query_parameter("experiment.classifier_losses")
+    finally:
+        gin.clear_config()
+    alphas = {methods[m][1] for m in methods if m not in ("uncond", "scaling")}  # scaling: %SCALING_ALPHA (10)
+    assert len(methods) == 21 and alphas == {1.0, 2.0, 3.0, 5.0, 10.0}
+    assert sorted(losses) == ["ce", "total", "total_lam0.125", "total_lam8"]
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("digits_frontier")
+    (ev,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.stage` = 'evaluation'")
+    for method in [*methods, "exact", "real"]:
+        assert math.isfinite(ev.data.metrics[f"{method}/cw/fid.evaluator"]), method
+    assert c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.stage` = 'stage2-total_lam8'")
+
+
 def _one_line(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dlsm: error:"), proc.stderr[-2000:]

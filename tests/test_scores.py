@@ -25,7 +25,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from dlsm.oracle import OracleScores, parzen_score
 from dlsm.scores import (
+    ExactLikelihoodScores,
     ModelScores,
     likelihood_score,
     likelihood_score_and_logits,
@@ -221,3 +223,30 @@ def test_closed_forms_match_finite_differences(sigma):
     # and the exact prior module used above is that marginal score
     np.testing.assert_allclose(score_model(torch.from_numpy(x_np), sigma).numpy(), fd(log_marginal),
                                atol=1e-6 * scale * 10)
+
+
+class _ParzenPrior(nn.Module):
+    """A 'score model' that is exactly the Parzen prior score of ``data`` (to test Bayes' rule end to end)."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        super().__init__()
+        self.data = data
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        return parzen_score(self.data, x, sigma)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 3.0])
+def test_exact_likelihood_with_the_exact_prior_is_the_class_conditional_parzen_score(alpha):
+    """s_prior + alpha (grad log p(x|y) - grad log p(x)) with the Parzen prior: at alpha = 1 the class-conditional
+    Parzen score of class y's data alone (computed directly), and linear in alpha."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    labels = torch.arange(60) % 3
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    sigma = torch.full((7,), 0.8, dtype=torch.float64)
+    scores = ExactLikelihoodScores(_ParzenPrior(data), OracleScores(data, labels), alpha=alpha)
+    prior, cls = parzen_score(data, x, sigma), parzen_score(data[labels == 2], x, sigma)
+    torch.testing.assert_close(scores.posterior(x, sigma, 2), prior + alpha * (cls - prior), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(scores.posterior_fn(2)(x, sigma), prior + alpha * (cls - prior), rtol=1e-10,
+                               atol=1e-10)

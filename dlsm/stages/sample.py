@@ -24,7 +24,9 @@ from dlsm.experiment import Run, State
 from dlsm.plots import paper_order
 from dlsm.samplers import prior_sample
 
-__all__ = ["class_counts", "image_grid", "parzen_oracle", "sample", "sample_class", "sample_grid_snapshot"]
+__all__ = [
+    "class_counts", "exact_likelihood", "image_grid", "parzen_oracle", "sample", "sample_class", "sample_grid_snapshot",
+]
 
 
 def _is_image(data) -> bool:
@@ -106,6 +108,24 @@ def parzen_oracle(run: Run, state: State) -> State:
     data = state.data
     state.oracle = OracleScores(data.x, data.y)
     state.extra_methods["oracle"] = state.oracle
+    return state
+
+
+@gin.configurable(denylist=["run", "state"])
+def exact_likelihood(run: Run, state: State, *, alpha: float = 1.0, name: str = "exact") -> State:
+    """The method ``name``: the trained prior model plus alpha times the *exact* likelihood score of the Parzen
+    oracle of the training data (:class:`dlsm.scores.ExactLikelihoodScores`), sampled like base / scaling / ours:
+    what a perfect classifier would buy with this score model and sampler. Put it after ``train_score_model`` and
+    before ``sample``. Small data only (the oracle reads every training image at every step)."""
+    from dlsm.oracle import OracleScores
+    from dlsm.scores import ExactLikelihoodScores
+
+    if state.score_model is None:
+        raise ConfigError("exact_likelihood needs the score model: list it after train_score_model in "
+                          "experiment.stages")
+    data = state.data
+    oracle = state.oracle if state.oracle is not None else OracleScores(data.x.to(run.device), data.y.to(run.device))
+    state.extra_methods[name] = ExactLikelihoodScores(state.score_model, oracle, alpha=alpha)
     return state
 
 
