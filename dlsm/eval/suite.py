@@ -21,7 +21,6 @@ that class's training images for the class-wise metrics.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -42,6 +41,7 @@ from dlsm.eval.evaluator import (
     DEFAULT_LR,
     DEFAULT_N_ITERS,
     DEFAULT_WIDTH,
+    _sha256,
     features_and_logits,
     load_or_train_evaluator,
 )
@@ -203,19 +203,12 @@ class FeatureStream:
         return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
 
-def _data_digest(data: ImageData) -> str:
-    h = hashlib.sha256()
-    for t in (data.x_uint8, data.y):
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def reference_features(net: FeatureNet, data: ImageData, cache_dir: Path, *, batch_size: int = 1000) -> tuple[
         Tensor, Tensor]:
     """(features, logits) of every image of ``data`` under ``net``, cached as
     ``cache_dir / features-{net.key}-{data digest}.pt`` (the digest: SHA-256 of the uint8 pixels and labels). A cache
     file that cannot be read is a one-line CheckpointError (delete it to recompute)."""
-    path = Path(cache_dir) / f"features-{net.key}-{data.name}-{_data_digest(data)}.pt"
+    path = Path(cache_dir) / f"features-{net.key}-{data.name}-{_sha256(data.x_uint8, data.y)[:16]}.pt"
     if path.exists():
         try:
             state = load_checkpoint(path)
