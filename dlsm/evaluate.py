@@ -100,9 +100,10 @@ def evaluate_run(run_id: str, bindings: list[str]) -> dict[str, float]:
         samples = {f.stem.removeprefix("samples-"): load_samples(f, data) for f in files}
     device = device_binding()
     cache = Path(spec.workdir) / "cache"
-    nets = image_features(data, spec.dataset(split="test"), device=device, cache_dir=cache)
+    test = spec.dataset(split="test")
+    nets = image_features(data, test, device=device, cache_dir=cache)
     ev = Evaluation(data, noise_schedule(data), {}, samples=samples, seed=spec.seed + 31,
-                    test_data=lambda: spec.dataset(split="test"), device=device, cache_dir=cache,
+                    test_data=lambda: test, device=device, cache_dir=cache,
                     feature_nets=lambda: nets)
     tracker = Tracker(spec.name)
     with mlflow.start_run(run_id=parent.info.run_id), mlflow.start_run(

@@ -82,6 +82,7 @@ class State:
     samples: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # method -> class -> samples
     metrics: dict[str, float] = field(default_factory=dict)
     feature_nets: list | None = None  # images: dlsm.eval.suite feature networks, built once when first needed
+    test_data: object | None = None  # images: the test split, loaded once when first needed (evaluation)
     stream: object | None = None  # images: features of the samples, computed while sampling (FeatureStream)
 
     def methods(self, spec: ExperimentSpec) -> dict[str, object]:

@@ -23,9 +23,15 @@ def cache_dir(run: Run) -> Path:
     return Path(run.spec.workdir) / "cache"
 
 
-def test_split(run: Run) -> Callable[[], object]:
-    """The experiment's dataset with ``split='test'`` (images), loaded when first asked for."""
-    return lambda: run.spec.dataset(split="test")
+def test_split(run: Run, state: State) -> Callable[[], object]:
+    """The experiment's dataset with ``split='test'`` (images), loaded when first asked for and kept in ``state``."""
+
+    def load() -> object:
+        if state.test_data is None:
+            state.test_data = run.spec.dataset(split="test")
+        return state.test_data
+
+    return load
 
 
 def feature_nets(run: Run, state: State) -> list:
@@ -33,14 +39,15 @@ def feature_nets(run: Run, state: State) -> list:
     if state.feature_nets is None:
         from dlsm.eval.suite import image_features
 
-        state.feature_nets = image_features(state.data, test_split(run)(), device=run.device, cache_dir=cache_dir(run))
+        test = test_split(run, state)()
+        state.feature_nets = image_features(state.data, test, device=run.device, cache_dir=cache_dir(run))
     return state.feature_nets
 
 
 def _evaluation(run: Run, state: State) -> Evaluation:
     flat = {method_key(n, shape): c for shape, per in state.classifiers.items() for n, c in per.items()}
     return Evaluation(state.data, state.schedule, state.methods(run.spec), flat, samples=state.samples,
-                      oracle=state.oracle, seed=run.seed(31), test_data=test_split(run), device=run.device,
+                      oracle=state.oracle, seed=run.seed(31), test_data=test_split(run, state), device=run.device,
                       cache_dir=cache_dir(run), stream=state.stream, feature_nets=lambda: feature_nets(run, state))
 
 
