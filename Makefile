@@ -1,5 +1,5 @@
 # dlsm — `make demo` runs the moons experiment, `make test` the test suite, `make ui` the MLflow UI,
-# `make reproduce-moons` the DLSM paper's moons analysis and its report.
+# `make reproduce-moons` the DLSM paper's moons analysis and its report, `make reproduce-digits` the digits one.
 # Each target creates .venv and installs the project on first use.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint ui clean reproduce-moons
+.PHONY: demo test lint ui clean reproduce-moons reproduce-digits
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ reproduce-moons: $(STAMP)
 	$(PY) -m dlsm.launch --fresh --gin gin/moons_table1.gin
 	$(PY) -m dlsm.launch --fresh --gin gin/moons_ablation.gin
 	$(PY) -m dlsm.report --out docs/results/moons.md --notes docs/results/moons_notes.md
+
+# DLSM paper Table 2 / Figures 3-4, the mechanism and the (lambda, alpha) frontier on scikit-learn's digits, 3 seeds
+# (fresh: its own checkpoint and cache folder), then docs/results/digits.md. Budget: 90 min on 2 CPU cores.
+DIGITS_WORK := .dlsm/reproduce-digits
+DIGITS_SWEEP := --param SEED --values 0 1 2 --fresh \
+	--gin_param "experiment.workdir = '$(DIGITS_WORK)'" --gin_param "sweep.cpus_per_trial = 2" \
+	--gin_param "sweep.metric = 'ours/cw/fid.evaluator'"
+reproduce-digits: $(STAMP)
+	rm -rf $(DIGITS_WORK)
+	$(PY) tune/sweep.py --gin gin/digits_frontier.gin --share none $(DIGITS_SWEEP)
+	$(PY) tune/sweep.py --gin gin/digits32.gin --share stage1 --gin_param "N_PER_CLASS = 10" $(DIGITS_SWEEP)
+	$(PY) -m dlsm.report digits --out docs/results/digits.md --notes docs/results/digits_notes.md
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

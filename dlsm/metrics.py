@@ -9,7 +9,7 @@ torchmetrics has image-feature metrics (FID, IS) but neither of these for raw po
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ __all__ = [
     "LikelihoodScoreTracker",
     "classifier_metrics",
     "grid_points",
+    "heldout_metrics",
     "kth_nn_distance",
     "mean_score_distance",
     "precision_recall",
@@ -144,6 +145,7 @@ def score_error_metrics(
     grid_size: int | None = 35,
     xlim: tuple[float, float] = (-40.0, 40.0),
     ylim: tuple[float, float] = (-25.0, 25.0),
+    methods: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """E[D_P] and E[D_L] against the Parzen oracle, per method, class and sigma, over two point sets:
     x~ ~ p_sigma(x~|y) (keys ``D_P``, ``D_L``) and, for 2-D data with ``grid_size`` set, a fixed
@@ -151,9 +153,15 @@ def score_error_metrics(
     uses 35 x 35 points on [-40, 40] x [-25, 25]), where the true likelihood score is far from zero.
     Also ``alpha_star``: the least-squares scale a* = <l, l*> / <l, l> that would best map the method's
     likelihood term l onto the oracle's l* (> 1 means the method's likelihood scores are too weak).
+    ``methods`` limits the methods scored (default: all but the oracle), e.g. one alpha = 1 point per classifier.
     """
     if ev.oracle is None:
         return {}
+    unknown = sorted(set(methods or ()) - set(ev.methods))
+    if unknown:
+        raise ConfigError(f"score_error_metrics.methods: {unknown[0]!r} is not a method of the experiment "
+                          f"({sorted(ev.methods)})")
+    chosen = {n: m for n, m in ev.methods.items() if methods is None or n in methods}
     out: dict[str, float] = {}
     g = ev.generator(101)
     grid = grid_points(grid_size, xlim, ylim) if grid_size and ev.data.dim == 2 else None
@@ -165,7 +173,7 @@ def score_error_metrics(
             for suffix, x in point_sets.items():
                 true_post = ev.oracle.posterior(x, sigma, c)
                 true_lik = true_post - ev.oracle.prior(x, sigma)
-                for name, scores in ev.methods.items():
+                for name, scores in chosen.items():
                     if scores is ev.oracle:
                         continue
                     lik = scores.likelihood(x, sigma, c)
@@ -252,6 +260,45 @@ def classifier_metrics(
                 logits = clf(x.to(dev), sigma).cpu()
             out[f"{name}/ce/s{sigma:g}"] = float(nn.functional.cross_entropy(logits, y))
             out[f"{name}/acc/s{sigma:g}"] = float((logits.argmax(1) == y).double().mean())
+    return out
+
+
+@gin.configurable
+def heldout_metrics(
+    ev: Evaluation, *, sigmas: tuple[float, ...] = (0.1, 0.5, 1.0), n_points: int = 1000
+) -> dict[str, float]:
+    """Each classifier on the held-out test split, at each sigma (DLSM paper, the mechanism behind Table 2):
+    ``{clf}/heldout/dlsm/s{sigma}`` = E[1/2 ||grad_x~ log p(y|x~; theta) + s(x~; phi) - grad_x~ log p_sigma(x~|x)||^2]
+    (L_DLSM' of the paper at one sigma, unweighted, ||.||^2 summed over pixels: how well prior + likelihood
+    score matches the posterior's denoising target on data the classifier never saw), and the cross-entropy
+    ``.../ce/`` and accuracy ``.../acc/`` there. The same x, z for every classifier. Needs image data (a test
+    split) and the score model; returns nothing otherwise."""
+    from dlsm.losses import dlsm_loss
+
+    test = ev.test_data() if ev.test_data is not None else None
+    score_models = [m.score_model for m in ev.methods.values() if isinstance(m, ModelScores)]
+    if test is None or not score_models or not ev.classifiers:
+        return {}
+    score_model = score_models[0]
+    g = ev.generator(303)
+    out: dict[str, float] = {}
+    for sigma in sigmas:
+        idx = torch.randint(0, len(test), (min(n_points, len(test)),), generator=g)
+        x0, y = test.batch(idx)
+        x0, y = x0.cpu(), y.cpu()
+        z = torch.randn(x0.shape, generator=g)
+        for name, clf in ev.classifiers.items():
+            dev = next(clf.parameters()).device
+            was_training = clf.training
+            clf.eval()
+            s = torch.full((x0.shape[0],), float(sigma), device=dev)
+            per = dlsm_loss(clf, score_model, x0.to(dev), y.to(dev), s, z.to(dev), weight_power=0.0, reduce="sum")
+            with torch.no_grad():
+                logits = clf(x0.to(dev) + sigma * z.to(dev), s).cpu()
+            clf.train(was_training)
+            out[f"{name}/heldout/dlsm/s{sigma:g}"] = float(per.detach().double().mean())
+            out[f"{name}/heldout/ce/s{sigma:g}"] = float(nn.functional.cross_entropy(logits, y))
+            out[f"{name}/heldout/acc/s{sigma:g}"] = float((logits.argmax(1) == y).double().mean())
     return out
 
 

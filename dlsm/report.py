@@ -2,6 +2,7 @@
 
     python -m dlsm.report [--table1 moons_table1] [--ablation moons_ablation] [--notes FILE]
                           [--out docs/results/moons.md]
+    python -m dlsm.report digits ...      (the digits report: dlsm.report_digits)
 
 Reads the latest finished parent run of each experiment from the tracking store (``./mlruns`` or
 ``MLFLOW_TRACKING_URI``), copies its figures next to the report, and writes markdown: the settings,
@@ -20,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from dlsm.errors import ConfigError, DlsmError, print_error
 from dlsm.experiment import method_key
 from dlsm.plots import PAPER_LABELS, curve_band, paper_order
 
-__all__ = ["main", "write_report"]
+__all__ = ["main", "run_report", "write_report"]
 
 SETTINGS = (
     "SEED", "SIGMA_MIN", "SIGMA_MAX", "NUM_SCALES", "STEPS_PER_SCALE", "LANGEVIN_EPS", "LAM", "SCALING_ALPHA",
@@ -354,18 +356,29 @@ def write_report(table1: str, ablation: str, out: Path, notes: Path | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["digits"]:  # the digits report (dlsm.report_digits)
+        from dlsm.report_digits import main as digits_main
+
+        return digits_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m dlsm.report", description=__doc__.splitlines()[0])
     p.add_argument("--table1", default="moons_table1", help="MLflow experiment of the Table-1 run")
     p.add_argument("--ablation", default="moons_ablation", help="MLflow experiment of the Figure-5 run")
     p.add_argument("--notes", type=Path, default=None, help="markdown appended verbatim (hand-written discussion)")
     p.add_argument("--out", type=Path, default=Path("docs/results/moons.md"))
     args = p.parse_args(argv)
+    return run_report(args.notes, lambda: write_report(args.table1, args.ablation, args.out, args.notes))
+
+
+def run_report(notes: Path | None, write: Callable[[], Path]) -> int:
+    """The report commands' common part: no telemetry or progress bars, a missing ``--notes`` file or any
+    DlsmError as one line (exit 2), else ``write()`` and the path it wrote."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        if args.notes is not None and not args.notes.is_file():
-            raise ConfigError(f"--notes {args.notes}: no such file")
-        path = write_report(args.table1, args.ablation, args.out, args.notes)
+        if notes is not None and not notes.is_file():
+            raise ConfigError(f"--notes {notes}: no such file")
+        path = write()
     except DlsmError as err:
         return print_error(err)
     print(f"dlsm: wrote {path}")

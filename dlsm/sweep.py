@@ -1,7 +1,7 @@
 """Ray Tune sweeps of one gin binding (lambda, alpha, a noise setting) over a dlsm experiment.
 
     python tune/sweep.py --param LAM --values 0.03 0.125 0.5 [--gin FILE ...] [--gin_param B ...]
-                         [--share stage1|stage2|none] [--address ADDRESS] [--resume]
+                         [--share stage1|stage2|none] [--address ADDRESS] [--resume] [--fresh]
 
 The driver parses the gin files, trains the shared stages once (``experiment.stop_after``) and then
 runs one Ray Tune trial per value. Each trial is a worker process that parses the same gin files and
@@ -101,6 +101,7 @@ def run_sweep(
     share: str = "stage1",
     address: str | None = None,
     resume: bool = False,
+    fresh: bool = False,
     storage: str = "ray_results",
 ) -> SweepResult:
     """Run the sweep; see the module docstring. Returns the per-trial results (sorted by the metric)."""
@@ -155,9 +156,9 @@ def run_sweep(
         gin.clear_config()
         parse_config(list(gin_files), [*gin_params, binding(param, parsed[0]), f"experiment.stop_after = '{share}'"])
         t0 = time.perf_counter()
-        base_id = _finished_run(Tracker(spec.name), config_hash())  # same shared config: reuse it
+        base_id = None if fresh else _finished_run(Tracker(spec.name), config_hash())  # same shared config: reuse it
         if base_id is None:
-            base_id = run_experiment(experiment(), run_name=f"{spec.name}-shared-{share}").run_id
+            base_id = run_experiment(experiment(), fresh=fresh, run_name=f"{spec.name}-shared-{share}").run_id
         else:
             print(f"dlsm: reusing the shared {share} run {base_id}")
         timings["shared_stages_s"] = time.perf_counter() - t0
@@ -295,6 +296,8 @@ def main(argv: Sequence[str] | None = None, *, param: str | None = None, values:
                    help=f"stages trained once and shared by every trial (default {share})")
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted sweep of the same name")
+    p.add_argument("--fresh", action="store_true", help="retrain the shared stages even if a finished run of the same "
+                   "configuration exists")
     p.add_argument("--storage", default="ray_results", help="Ray Tune's results folder (default ./ray_results)")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors")
     args = p.parse_args(argv)
@@ -304,7 +307,7 @@ def main(argv: Sequence[str] | None = None, *, param: str | None = None, values:
     try:
         res = run_sweep(args.gin or default_gin, [*default_params, *args.gin_param], param=args.param,
                         values=args.values, share=args.share, address=args.address, resume=args.resume,
-                        storage=args.storage)
+                        fresh=args.fresh, storage=args.storage)
     except _AllFailed as err:
         print(table_text(err.result.rows, args.param, sweep().metric))
         return print_error(err)

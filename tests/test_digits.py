@@ -203,6 +203,20 @@ def test_frontier_file_runs_under_smoke_with_every_point(tmp_path):
     for method in [*methods, "exact", "real"]:
         assert math.isfinite(ev.data.metrics[f"{method}/cw/fid.evaluator"]), method
     assert c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.stage` = 'stage2-total_lam8'")
+    # the mechanism: each alpha = 1 classifier's score errors against the Parzen oracle (a reference, not sampled)
+    # and every classifier's held-out DLSM' per sigma
+    assert not any(k.startswith("oracle/") for k in ev.data.metrics)
+    for name in ("base", "total_lam0.125_a1", "ours", "total_lam8_a1", "exact"):
+        assert math.isfinite(ev.data.metrics[f"{name}/c9/D_L/s0.05"]), name
+    assert ev.data.metrics["exact/c3/D_L/s1"] == 0.0  # its likelihood term is the oracle's
+    assert "total_a3/c0/D_L/s1" not in ev.data.metrics  # score_error_metrics.methods: alpha = 1 points only
+    for clf in losses:
+        assert math.isfinite(ev.data.metrics[f"{clf}/heldout/dlsm/s2"]), clf
+    # a point run per sampled method, carrying lambda, alpha and seed
+    points = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'point'")
+    assert sorted(p.data.params["method"] for p in points) == sorted([*methods, "exact"])
+    lams = {p.data.params["method"]: p.data.params.get("lam") for p in points}
+    assert lams["total_lam0.125_a5"] == "0.125" and lams["total_a2"] == "1.0" and lams["ce_a3"] is None
 
 
 def _one_line(proc) -> str:

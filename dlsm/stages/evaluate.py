@@ -15,7 +15,8 @@ from dlsm.experiment import Run, State, method_key
 from dlsm.metrics import Evaluation, classifier_metrics, sample_metrics
 from dlsm.plots import loss_curves
 
-__all__ = ["cache_dir", "evaluate", "feature_nets", "figures", "log_artifacts", "test_split"]
+__all__ = ["cache_dir", "classifier_loss_settings", "evaluate", "feature_nets", "figures", "log_artifacts",
+           "log_points", "test_split"]
 
 
 def cache_dir(run: Run) -> Path:
@@ -64,10 +65,64 @@ def log_artifacts(tracker, artifacts: dict[str, object], *, also_to: str | None 
             tracker.log_figure(obj, name)
 
 
+def classifier_loss_settings() -> dict[str, dict[str, object]]:
+    """Each stage-2 loss of ``experiment.classifier_losses`` as {name: {'loss': configurable, 'scope': gin scope,
+    **its effective gin bindings}} (e.g. ``lam`` of ``@lam_large/total_loss`` = 8.0), read from the parsed config."""
+    try:
+        refs = gin.query_parameter("experiment.classifier_losses")
+    except ValueError:  # not bound: the defaults, CE and Total
+        refs = None
+    if not isinstance(refs, dict):
+        return {"ce": {"loss": "ce_loss", "scope": ""},
+                "total": {"loss": "total_loss", "scope": "", **gin.get_bindings("total_loss")}}
+    out: dict[str, dict[str, object]] = {}
+    for name, ref in refs.items():
+        scope = ref.scoped_selector.rpartition("/")[0]
+        with gin.config_scope(scope or None):
+            bound = gin.get_bindings(ref.configurable.wrapped, resolve_references=True)
+        out[name] = {"loss": ref.configurable.name, "scope": scope, **bound}
+    return out
+
+
+def log_points(run: Run, state: State) -> None:
+    """One child run per sampled method, ``point-{method}`` (tag ``dlsm.kind = 'point'``), with what places it
+    in the (lambda, alpha) plane as params -- ``method``, ``classifier``, ``loss``, ``lam`` (Total-type losses),
+    ``alpha``, ``seed`` -- and the method's metrics without the ``{method}/`` prefix, so the MLflow UI compares
+    every (classifier loss, lambda, alpha, seed) side by side (filter ``tags.dlsm.kind = 'point'``). Sampled
+    extra methods (``exact``) get a point run too."""
+    spec = run.spec
+    methods = spec.sampling_methods or {n: (n, spec.alpha) for n in spec.classifier_losses}
+    losses = classifier_loss_settings()
+    for name, (clf, alpha) in methods.items():
+        setting = losses.get(clf, {})
+        params: dict[str, object] = {"method": name, "classifier": clf, "alpha": float(alpha), "seed": spec.seed,
+                                     "loss": setting.get("loss", "?")}
+        params |= {("lam" if k == "lam" else f"loss.{k}"): v for k, v in setting.items() if k not in ("loss",)}
+        _log_point(run, state, name, params)
+    for name, scores in state.extra_methods.items():  # e.g. 'exact': the prior model with the oracle's likelihood
+        if name in state.samples:
+            _log_point(run, state, name, {"method": name, "classifier": name, "seed": spec.seed,
+                                          "alpha": float(getattr(scores, "alpha", 1.0)), "loss": "none"})
+
+
+def _log_point(run: Run, state: State, name: str, params: dict[str, object]) -> None:
+    import mlflow
+
+    metrics = {k.removeprefix(f"{name}/"): v for k, v in state.metrics.items() if k.startswith(f"{name}/")}
+    with run.tracker.stage(run.parent_id, f"point-{name}"):
+        mlflow.set_tag("dlsm.kind", "point")
+        run.tracker.log_params(params)
+        run.tracker.log_metrics(metrics)
+
+
 @gin.configurable(denylist=["run", "state"])
-def evaluate(run: Run, state: State, *, suites: Sequence[Callable] = (classifier_metrics, sample_metrics)) -> State:
+def evaluate(
+    run: Run, state: State, *, suites: Sequence[Callable] = (classifier_metrics, sample_metrics),
+    point_runs: bool = False,
+) -> State:
     """Evaluation (child run ``evaluation``): every metric suite on the methods, classifiers and samples;
-    the metrics go to this run and, at the end, to the parent run."""
+    the metrics go to this run and, at the end, to the parent run. With ``point_runs``, also one child run per
+    sampled method carrying its loss, lambda, alpha and seed as params (:func:`log_points`)."""
     with run.tracker.stage(run.parent_id, "evaluation"):
         t0 = time.perf_counter()
         ev = _evaluation(run, state)
@@ -80,6 +135,8 @@ def evaluate(run: Run, state: State, *, suites: Sequence[Callable] = (classifier
                 print(ev.artifacts[name])
         run.timings["time/evaluation_s"] = time.perf_counter() - t0
         run.tracker.log_metrics({"wall_seconds": run.timings["time/evaluation_s"]})
+    if point_runs:
+        log_points(run, state)
     return state
 
 

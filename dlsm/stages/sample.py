@@ -99,15 +99,16 @@ def _log_png(run: Run, array: np.ndarray, name: str, title: str | None = None, w
 
 
 @gin.configurable(denylist=["run", "state"])
-def parzen_oracle(run: Run, state: State) -> State:
+def parzen_oracle(run: Run, state: State, *, as_method: bool = True) -> State:
     """The Parzen-window oracle of the training data (method (e) of the DLSM paper's moons table): exact
-    prior, likelihood and posterior scores of the noisy empirical distribution, in float64. Sampled
-    as the method ``oracle`` and the reference of the score-error metrics. Small data only."""
+    prior, likelihood and posterior scores of the noisy empirical distribution, in float64. The reference of
+    the score-error metrics and, with ``as_method``, sampled as the method ``oracle``. Small data only."""
     from dlsm.oracle import OracleScores
 
     data = state.data
     state.oracle = OracleScores(data.x, data.y)
-    state.extra_methods["oracle"] = state.oracle
+    if as_method:
+        state.extra_methods["oracle"] = state.oracle
     return state
 
 
@@ -199,8 +200,9 @@ cfg.constrain(sample, "batch_size", lambda v: None if v is None else cfg.positiv
 
 
 def _figure3(run: Run, decoded: dict[str, dict[int, torch.Tensor]], n_cols: int) -> None:
-    """The paper's Figure 3 layout: base | scaling | ours (whichever are sampled), same classes, side by side."""
-    names = [n for n in paper_order(decoded) if n in decoded]
+    """The paper's Figure 3 layout: base | scaling | ours (whichever are sampled; else every method), same classes,
+    side by side."""
+    names = [n for n in ("base", "scaling", "ours") if n in decoded] or paper_order(decoded)
     panels = [image_grid(decoded[n], n_cols) for n in names]
     if not panels:
         return
