@@ -10,8 +10,9 @@ predictor, alpha grad log p(y|x) in both) for a batch of images.
 (a) baseline, as score_sde / the official DLSM code write it: fp32, NCHW, eager; every step draws its batch indices,
     sigma and noise on the host and copies them (and the batch) to the device; the loss is read with .item() each step.
 (b) fast path, each switch separately (the same switches as ``train``): data kept on the device as uint8, every random
-    number drawn by a device generator, no host sync inside the loop (dlsm.training.train); ``--bf16`` autocast with
-    the losses accumulated in float32 (dlsm.losses); ``--channels-last``; ``--compile`` (torch.compile of the networks;
+    number drawn by a device generator, no host sync inside the loop (dlsm.train.loop.train); ``--bf16`` autocast with
+    the losses accumulated in float32 (dlsm.math.losses); ``--channels-last``; ``--compile`` (torch.compile
+    of the networks;
     DLSM' needs a double backward through the compiled classifier, which torch.compile does not support: the Total
     row then runs the classifier eager and says so).
 
@@ -32,10 +33,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dlsm.losses import ce_loss, dsm_loss, total_loss
+from dlsm.math.losses import ce_loss, dsm_loss, total_loss
+from dlsm.math.samplers import predictor_corrector
+from dlsm.math.scores import ModelScores
 from dlsm.nets import ConvClassifier, NCSNpp
-from dlsm.samplers import predictor_corrector
-from dlsm.scores import ModelScores
 
 SHAPE = (3, 32, 32)
 
@@ -103,7 +104,7 @@ def build_steps(args, dev, v: Variant, data_u8: torch.Tensor, labels: torch.Tens
     n_data = data_u8.shape[0]
 
     def batch(n: int) -> tuple[torch.Tensor, ...]:
-        if v.fast:  # dlsm.training.train: indices, sigma, noise from the device generator; uint8 gathered there
+        if v.fast:  # dlsm.train.loop.train: indices, sigma, noise from the device generator; uint8 gathered there
             idx = torch.randint(0, n_data, (n,), generator=gen, device=dev)
             x = v.layout(on_dev[idx].float() / 255.0)
             sigma = log_uniform(torch.rand(n, generator=gen, device=dev))

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from dlsm.losses import ce_loss, dlsm_loss, total_loss
-from dlsm.networks import BranchClassifier, ClassifierMLP, ScoreMLP
+from dlsm.math.losses import ce_loss, dlsm_loss, total_loss
+from dlsm.nets.mlp import BranchClassifier, ClassifierMLP, ScoreMLP
 
 SHAPES = {
     "mlp": lambda: ClassifierMLP(2, 2, sigma_data=14.0),

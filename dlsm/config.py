@@ -291,8 +291,8 @@ def positive_int(value: Any) -> str | None:
 # configurables whose own code does not check these (third-party classes) or checks them only late
 for _optimizer in ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD"):
     constrain(_optimizer, "lr", finite_nonnegative)
-constrain("dlsm.data.two_moons", "n", positive_int)
-constrain("dlsm.schedules.noise_schedule", "eps", finite_positive)
+constrain("dlsm.data.points.two_moons", "n", positive_int)
+constrain("dlsm.math.schedules.noise_schedule", "eps", finite_positive)
 
 
 def check_binding_types() -> None:

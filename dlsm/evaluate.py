@@ -51,8 +51,8 @@ def _runs(client, run_id: str) -> tuple[object, object]:
 def load_samples(path: Path, data) -> dict[int, torch.Tensor]:
     """A saved ``samples-{method}.npz`` (uint8 ``x`` (N, C, H, W), labels ``y``) as {class: float images in the data's
     model space}; one-line DataError for anything else."""
-    from dlsm.eval.suite import check_samples
-    from dlsm.images import to_model_space
+    from dlsm.data.images import to_model_space
+    from dlsm.eval.images import check_samples
 
     method = path.stem.removeprefix("samples-")
     try:
@@ -70,13 +70,13 @@ def evaluate_run(run_id: str, bindings: list[str]) -> dict[str, float]:
 
     from dlsm import components  # noqa: F401  (registers every configurable)
     from dlsm.config import call_configurable, parse_config
-    from dlsm.device import device as device_binding
-    from dlsm.eval.suite import image_features, image_metrics
+    from dlsm.eval.images import image_features, image_metrics
+    from dlsm.eval.points import Evaluation
     from dlsm.experiment import experiment
-    from dlsm.metrics import Evaluation
-    from dlsm.schedules import noise_schedule
+    from dlsm.math.schedules import noise_schedule
     from dlsm.stages.evaluate import log_artifacts
     from dlsm.tracking import MlflowClient, Tracker, check_tracking_uri, mlflow  # telemetry off before mlflow loads
+    from dlsm.train.device import device as device_binding
 
     client = MlflowClient(check_tracking_uri())
     parent, sampling = _runs(client, run_id)

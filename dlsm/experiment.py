@@ -4,8 +4,8 @@
 
 ``experiment.stages`` lists them (the default above: :mod:`dlsm.stages`); moons-only work (the Parzen
 oracle, method (c) posterior SM) is more stages that the moons gin files add to the list. A stage reads
-and extends a small explicit :class:`State` (data, noise schedule, networks, methods, samples,
-metrics) and opens its own child MLflow run through :class:`Run` (tracker, parent run, checkpoint
+and extends a small explicit :class:`~dlsm.stages.base.State` (data, noise schedule, networks, methods, samples,
+metrics) and opens its own child MLflow run through :class:`~dlsm.stages.base.Run` (tracker, parent run, checkpoint
 folder, device). Checkpoints live in ``<workdir>/<name>/<config hash>/`` so relaunching the same
 command resumes where it stopped; finished stages are skipped.
 """
@@ -13,101 +13,41 @@ command resumes where it stopped; finished stages are skipped.
 from __future__ import annotations
 
 import inspect
-import random
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import gin
-import numpy as np
-import torch
 from torch import nn
 
 from dlsm import config as cfg
-from dlsm import distributed as dist
-from dlsm.device import device as device_binding
+from dlsm import stages as st
 from dlsm.errors import ConfigError
-from dlsm.losses import ce_loss, dsm_loss, total_loss
-from dlsm.samplers import annealed_langevin
-from dlsm.schedules import NoiseSchedule, noise_schedule
-from dlsm.scores import ModelScores
-from dlsm.tracking import NullTracker, Tracker, rank_tracker
+from dlsm.math.losses import ce_loss, dsm_loss, total_loss
+from dlsm.math.samplers import annealed_langevin
+from dlsm.math.schedules import noise_schedule
+from dlsm.stages.base import (
+    ExperimentSpec,
+    Run,
+    State,
+    build_network,
+    check_sampling_methods,
+    sampling_alphas_error,
+    seed_everything,
+)
+from dlsm.tracking import rank_tracker
+from dlsm.train import distributed as dist
+from dlsm.train.device import device as device_binding
 
-__all__ = [
-    "ExperimentResult", "ExperimentSpec", "Run", "State", "build_methods", "build_network", "check_workdir",
-    "check_networks", "experiment", "method_key", "run_experiment", "seed_everything",
-]
-
-
-@dataclass
-class ExperimentSpec:
-    """What :func:`experiment` declares: the components, shared by every stage."""
-
-    name: str
-    seed: int
-    dataset: Callable
-    score_model: Callable[..., nn.Module]
-    classifiers: dict[str, Callable[..., nn.Module]]  # shape name ('' when one) -> network factory
-    score_loss: Callable
-    classifier_losses: dict[str, Callable]
-    alpha: float
-    sampling_methods: dict[str, tuple[str, float]] | None
-    sampler: Callable
-    stages: tuple[Callable, ...]
-    workdir: str = ".dlsm"
-    stage1_run_id: str | None = None
-    stage2_run_id: str | None = None
-    stop_after: str | None = None
+__all__ = ["ExperimentResult", "check_networks", "check_workdir", "experiment", "run_experiment"]
 
 
 @dataclass
 class ExperimentResult:
     run_id: str  # the MLflow parent run
     metrics: dict[str, float]
-
-
-@dataclass
-class State:
-    """What stages hand on: each stage reads what earlier ones left and adds its own part."""
-
-    data: object  # LabelledData or ImageData (dlsm.data / dlsm.images)
-    schedule: NoiseSchedule
-    score_model: nn.Module | None = None
-    classifiers: dict[str, dict[str, nn.Module]] = field(default_factory=dict)  # shape -> loss -> EMA net
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # "{loss}-{shape}" -> losses
-    extra_methods: dict[str, object] = field(default_factory=dict)  # e.g. posterior SM, the Parzen oracle
-    oracle: object | None = None
-    samples: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # method -> class -> samples
-    metrics: dict[str, float] = field(default_factory=dict)
-    feature_nets: list | None = None  # images: dlsm.eval.suite feature networks, built once when first needed
-    test_data: object | None = None  # images: the test split, loaded once when first needed (evaluation)
-    stream: object | None = None  # images: features of the samples, computed while sampling (FeatureStream)
-
-    def methods(self, spec: ExperimentSpec) -> dict[str, object]:
-        """The sampled methods in a fixed order: every classifier shape's (base, scaling, ours, ...), then
-        the extra methods in the order the stages added them."""
-        out: dict[str, object] = {}
-        for shape, per_loss in self.classifiers.items():
-            out.update(build_methods(self.score_model, per_loss, spec.sampling_methods, spec.alpha, shape=shape))
-        return {**out, **self.extra_methods}
-
-
-@dataclass
-class Run:
-    """What every stage of one launch shares: the spec, MLflow, the checkpoint folder and the device."""
-
-    spec: ExperimentSpec
-    tracker: Tracker | NullTracker  # a NullTracker on ranks other than 0 (torchrun)
-    parent_id: str
-    rundir: Path
-    params: dict[str, str]
-    device: torch.device
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def seed(self, offset: int) -> int:
-        return self.spec.seed + offset
 
 
 @gin.configurable
@@ -139,8 +79,6 @@ def experiment(
     ``stages`` is the list of stage functions (default: score model, classifiers, sampling, evaluation,
     figures). ``stage1_run_id`` / ``stage2_run_id`` reuse the score model / classifiers of a finished
     run; ``stop_after = 'stage1'`` or ``'stage2'`` ends the run after that stage (a shared run for sweeps)."""
-    from dlsm import stages as st
-
     if stop_after not in (None, "stage1", "stage2"):
         raise ConfigError(f"experiment.stop_after must be None, 'stage1' or 'stage2', got {stop_after!r}")
     shapes = dict(classifier) if isinstance(classifier, dict) else {"": classifier}
@@ -160,68 +98,8 @@ def experiment(
                           sampler, stages, workdir, stage1_run_id, stage2_run_id, stop_after)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_network(factory: Callable[..., nn.Module], data, **kwargs) -> nn.Module:
-    """``factory(shape=data.shape, ...)`` for image networks, ``factory(dim=data.dim, ...)`` for vector ones."""
-    params = inspect.signature(inspect.unwrap(factory)).parameters
-    return factory(shape=tuple(data.shape), **kwargs) if "shape" in params else factory(dim=data.dim, **kwargs)
-
-
-def build_methods(
-    score_model: nn.Module,
-    classifiers: dict[str, nn.Module],
-    sampling_methods: dict[str, tuple[str, float]] | None,
-    alpha: float,
-    *,
-    shape: str = "",
-) -> dict[str, ModelScores]:
-    """The sampled methods: ``name -> ModelScores(score_model, classifiers[loss name], alpha)``.
-
-    Without ``sampling_methods`` every classifier is sampled under its loss's name at ``alpha``.
-    A non-empty ``shape`` is appended to every name (``base-mlp``).
-    """
-    if sampling_methods is None:
-        return {method_key(m, shape): ModelScores(score_model, c, alpha=alpha) for m, c in classifiers.items()}
-    check_sampling_methods(sampling_methods, classifiers)
-    return {
-        method_key(name, shape): ModelScores(score_model, classifiers[loss], alpha=float(a))
-        for name, (loss, a) in sampling_methods.items()
-    }
-
-
-def method_key(name: str, shape: str) -> str:
-    """A method's or classifier's name for one classifier shape: ``base-mlp`` (``base`` if unnamed)."""
-    return f"{name}-{shape}" if shape else name
-
-
-def check_sampling_methods(sampling_methods: dict, loss_names) -> None:
-    """Each entry must be ``name: (loss name from experiment.classifier_losses, alpha)``."""
-    for name, spec in sampling_methods.items():
-        ok = isinstance(spec, (tuple, list)) and len(spec) == 2 and spec[0] in loss_names
-        if not ok or isinstance(spec[1], bool) or not isinstance(spec[1], (int, float)):
-            raise ConfigError(
-                f"experiment.sampling_methods[{name!r}] = {spec!r}: expected (loss name, alpha) "
-                f"with a loss name from experiment.classifier_losses {sorted(loss_names)}"
-            )
-        if _sampling_alphas({name: spec}):
-            raise ConfigError(f"experiment.sampling_methods[{name!r}] = {spec!r}: {_sampling_alphas({name: spec})}")
-
-
-def _sampling_alphas(sampling_methods: object) -> str | None:
-    """What is wrong with the alphas of ``experiment.sampling_methods`` (each must be >= 0), or None."""
-    for name, spec in sampling_methods.items() if isinstance(sampling_methods, dict) else ():
-        if isinstance(spec, (tuple, list)) and len(spec) == 2 and cfg.finite_nonnegative(spec[1]):
-            return f"the alpha of {name!r} {cfg.finite_nonnegative(spec[1])}"
-    return None
-
-
 cfg.constrain(experiment, "alpha", cfg.finite_nonnegative)  # checked at parse time, before anything trains
-cfg.constrain(experiment, "sampling_methods", _sampling_alphas)
+cfg.constrain(experiment, "sampling_methods", sampling_alphas_error)
 
 
 def check_workdir(workdir: str) -> None:
@@ -258,16 +136,12 @@ def check_networks(spec: ExperimentSpec, data) -> None:
 
 
 def _stops_here(stage: Callable, stop_after: str | None) -> bool:
-    from dlsm import stages as st
-
     last = {"stage1": st.train_score_model, "stage2": st.train_classifiers}.get(stop_after or "")
     return last is not None and inspect.unwrap(stage) is inspect.unwrap(last)
 
 
 def _on_every_rank(stage: Callable) -> bool:
     """The training stages run on every rank (DDP, in lockstep); the other stages on rank 0 alone."""
-    from dlsm import stages as st
-
     return any(inspect.unwrap(stage) is inspect.unwrap(s) for s in (st.train_score_model, st.train_classifiers,
                                                                        st.posterior_sm))
 
@@ -285,7 +159,7 @@ def run_experiment(
     ``parent_run_id`` nests the run under another run (a sweep); ``on_metrics(stage, metrics, step)``
     sees every metric as it is logged (a sweep's trial reports stage-2 curves to its scheduler).
 
-    Under torchrun (:mod:`dlsm.distributed`) every rank calls this: rank 0 alone tracks in MLflow (one parent
+    Under torchrun (:mod:`dlsm.train.distributed`) every rank calls this: rank 0 alone tracks in MLflow (one parent
     run) and decides whether to resume, and its decisions and user errors reach every rank. The training stages
     (score model, classifiers, posterior SM) run on every rank with DistributedDataParallel; sampling,
     evaluation, figures and any other stage run on rank 0 alone while the other ranks return (their metrics are
@@ -308,7 +182,7 @@ def run_experiment(
     schedule = noise_schedule(data)  # reads data.x only for 'auto' sigma_max / num_scales
     check_networks(spec, data)
     if len(tuple(getattr(data, "shape", ()))) == 3:  # images: Inception weights, if bound, exist (nothing downloads)
-        from dlsm.eval.suite import preflight
+        from dlsm.eval.images import preflight
 
         preflight()
 

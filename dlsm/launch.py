@@ -6,7 +6,7 @@ and exit non-zero; all but the last two are found before anything trains. Ctrl-C
 checkpoint: relaunch the same command to resume. ``--traceback`` shows the full traceback of a user error.
 
 Several GPUs: ``torchrun --nproc_per_node N -m dlsm.launch --gin FILE ...`` runs the same command in N
-processes (:mod:`dlsm.distributed`): the training stages use DistributedDataParallel with ``train.batch_size``
+processes (:mod:`dlsm.train.distributed`): the training stages use DistributedDataParallel with ``train.batch_size``
 as the global batch, rank 0 alone tracks in MLflow and writes checkpoints, and sampling and evaluation run on
 rank 0. Errors and results are printed once, by rank 0; a user error, a NaN loss or a Ctrl-C stops every rank.
 An error on one rank alone (a programming error, a lost MLflow server) leaves torchrun to stop the others.
@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dlsm import distributed as dist
 from dlsm.errors import DlsmError, print_error
+from dlsm.train import distributed as dist
 
 
 def build_parser() -> argparse.ArgumentParser:

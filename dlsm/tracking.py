@@ -32,8 +32,8 @@ import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from dlsm import distributed as dist  # noqa: E402
 from dlsm.errors import ConfigError, TrackingError  # noqa: E402
+from dlsm.train import distributed as dist  # noqa: E402
 
 __all__ = ["NullTracker", "Tracker", "check_tracking_uri", "default_tracking_uri", "rank_tracker"]
 
@@ -335,9 +335,9 @@ class Tracker:
 class NullTracker:
     """What ranks other than 0 hold under torchrun: the :class:`Tracker` calls of the training stages, writing
     nothing. ``parent`` yields None and ``stage`` (None, False): code that runs on every rank replaces them with
-    rank 0's answers through :func:`dlsm.distributed.share` (a collective, so not inside :class:`Tracker`, whose
+    rank 0's answers through :func:`dlsm.train.distributed.share` (a collective, so not inside :class:`Tracker`, whose
     stages also run on rank 0 alone), and searches and downloads on rank 0 through
-    :func:`dlsm.distributed.from_main`.
+    :func:`dlsm.train.distributed.from_main`.
     """
 
     client = None

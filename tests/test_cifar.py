@@ -164,7 +164,7 @@ def test_cuda_bf16_dsm_and_dlsm_within_two_percent_of_fp32():
     """The fast path's bf16 autocast: DSM and the official DLSM' agree with fp32 on one batch within 2 %."""
     import torch
 
-    from dlsm.losses import dsm_loss, total_loss
+    from dlsm.math.losses import dsm_loss, total_loss
     from dlsm.nets import ConvClassifier, NCSNpp
 
     torch.manual_seed(0)
@@ -190,9 +190,9 @@ def test_cuda_bf16_dsm_and_dlsm_within_two_percent_of_fp32():
 def test_cuda_compiled_ncsnpp_matches_eager_and_guided_pc_is_reproducible():
     import torch
 
+    from dlsm.math.samplers import predictor_corrector
+    from dlsm.math.scores import ModelScores
     from dlsm.nets import ConvClassifier, NCSNpp
-    from dlsm.samplers import predictor_corrector
-    from dlsm.scores import ModelScores
 
     torch.manual_seed(0)
     dev = torch.device("cuda")

@@ -147,9 +147,9 @@ def test_tiny_run_artifacts_have_the_right_content(tiny_run, tmp_path):
 
     from dlsm import components  # noqa: F401  (registers the configurables config.gin names)
     from dlsm.config import bindings_as_params, parse_config
-    from dlsm.data import two_moons
-    from dlsm.networks import ClassifierMLP
-    from dlsm.training import load_checkpoint
+    from dlsm.data.points import two_moons
+    from dlsm.nets.mlp import ClassifierMLP
+    from dlsm.train.loop import load_checkpoint
 
     cwd, _ = tiny_run
     c = client(cwd)
@@ -208,8 +208,9 @@ def test_tiny_run_artifacts_have_the_right_content(tiny_run, tmp_path):
 
 
 def test_help_names_the_real_options_and_defaults(monkeypatch):
-    import dlsm.report
     from dlsm.launch import build_parser
+    from dlsm.report import moons
+    from dlsm.report.__main__ import main as report_main
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "dlsm.launch", "--help"], env=env, capture_output=True, text=True,
@@ -233,8 +234,8 @@ def test_help_names_the_real_options_and_defaults(monkeypatch):
         assert opt in proc.stdout, opt
     # the module docstring's defaults are what main() passes on
     calls = []
-    monkeypatch.setattr(dlsm.report, "write_report", lambda *a: calls.append(a) or a[2])
-    assert dlsm.report.main([]) == 0
+    monkeypatch.setattr(moons, "write_report", lambda *a: calls.append(a) or a[2])
+    assert report_main([]) == 0
     assert calls == [("moons_table1", "moons_ablation", Path("docs/results/moons.md"), None)]
 
 

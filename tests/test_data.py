@@ -1,5 +1,5 @@
-"""The moons dataset (dlsm.data): two_moons' points against their closed form, and LabelledData's dataset
-protocol (the one dlsm.images.ImageData has) against plain indexing."""
+"""The moons dataset (dlsm.data.points): two_moons' points against their closed form, and LabelledData's dataset
+protocol (the one dlsm.data.images.ImageData has) against plain indexing."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from dlsm.data import LabelledData, two_moons
+from dlsm.data.images import ImageData
+from dlsm.data.points import LabelledData, two_moons
 from dlsm.errors import ConfigError
-from dlsm.images import ImageData
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DATA = two_moons(n=50)

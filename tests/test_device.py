@@ -1,4 +1,4 @@
-"""Device names and generators (dlsm.device): what 'auto', 'cpu', 'cuda' and 'cuda:N' resolve to, the one-line
+"""Device names and generators (dlsm.train.device): what 'auto', 'cpu', 'cuda' and 'cuda:N' resolve to, the one-line
 errors, and generators that reproduce the CPU stream of torch.Generator().manual_seed."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import gin
 import pytest
 import torch
 
-from dlsm.device import device, make_generator, resolve_device
 from dlsm.errors import ConfigError
+from dlsm.train.device import device, make_generator, resolve_device
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,4 +1,4 @@
-"""Several processes (torchrun, dlsm.distributed) on the CPU with gloo, all traffic on 127.0.0.1.
+"""Several processes (torchrun, dlsm.train.distributed) on the CPU with gloo, all traffic on 127.0.0.1.
 
 A 2-process run with the global ``train.batch_size = B`` (each rank B/2) gives the numbers of one process with
 batch B: the 2-process workers and the 1-process reference run the same function (:func:`_cases`), and the
@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlsm import distributed as dist
-from dlsm.data import two_moons
+from dlsm.data.points import two_moons
 from dlsm.errors import ConfigError
-from dlsm.losses import dsm_loss, total_loss
-from dlsm.networks import ClassifierMLP, ScoreMLP
-from dlsm.schedules import NoiseSchedule, geometric_sigmas
+from dlsm.math.losses import dsm_loss, total_loss
+from dlsm.math.schedules import NoiseSchedule, geometric_sigmas
+from dlsm.nets.mlp import ClassifierMLP, ScoreMLP
+from dlsm.train import distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 32  # the global batch: 16 per rank on 2 ranks
@@ -63,7 +63,7 @@ def _cases(out: Path) -> dict:
     """What the test compares, computed the same way on 1 and on 2 processes: DSM weights after 10 steps and after
     resuming to 20, the Total (DLSM' + lambda CE, double backward) classifier, the logged losses, and what rank 0
     alone does (checkpoints, log_fn)."""
-    import dlsm.training as training
+    import dlsm.train.loop as training
 
     data = two_moons(n=200)
     schedule = NoiseSchedule(sigmas=geometric_sigmas(40.0, 0.01, 10), eps=1e-5, n_steps_each=5)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dlsm import launch
-from dlsm import sweep as sweep_cli
+from dlsm.sweep import driver as sweep_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 MOONS = str(ROOT / "gin" / "moons.gin")

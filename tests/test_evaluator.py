@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dlsm.eval.evaluator as ev
-from dlsm.checkpoints import save_checkpoint
+from dlsm.data.images import digits
 from dlsm.errors import CheckpointError, ConfigError, DataError
 from dlsm.eval.cas import cas
 from dlsm.eval.evaluator import (
@@ -25,7 +25,7 @@ from dlsm.eval.evaluator import (
     sample_accuracy,
     train_evaluator,
 )
-from dlsm.images import digits
+from dlsm.train.checkpoints import save_checkpoint
 
 # Cheaper than the defaults (200 steps): about 1.5 s per training on one core at 8x8.
 SETTINGS = dict(seed=0, n_iters=150, batch_size=64, lr=2e-3, width=16, depth=1)

@@ -1,4 +1,4 @@
-"""dlsm.frontier on synthetic seed runs with known answers: which points beat base and scaling on both axes
+"""dlsm.report.frontier on synthetic seed runs with known answers: which points beat base and scaling on both axes
 (paired over seeds), the table's marks, the figure's points, and missing metrics as one-line errors."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from dlsm.errors import ConfigError
-from dlsm.frontier import Axis, beats, frontier_figure, frontier_points, frontier_table
-from dlsm.stats import paired_ci
+from dlsm.report.frontier import Axis, beats, frontier_figure, frontier_points, frontier_table
+from dlsm.report.stats import paired_ci
 
 X = Axis("cw/fid.evaluator", "CW-FID", higher_is_better=False)
 Y = Axis("cw/recall.evaluator", "CW-recall", higher_is_better=True)

@@ -447,7 +447,7 @@ def test_stage_conditioning_adds_one_bias_after_each_stage():
 def test_sampling_uses_the_running_statistics_of_a_batchnorm_classifier():
     """ModelScores (what the sampler calls) puts the classifier in eval mode: the likelihood score of a sample is
     the same alone or in any batch, and sampling leaves the running statistics as training left them."""
-    from dlsm.scores import ModelScores
+    from dlsm.math.scores import ModelScores
 
     torch.manual_seed(0)
     clf = ConvClassifier(SHAPE, 3, channels=(8, 16), norm="batch", condition="stage").double()

@@ -1,4 +1,4 @@
-"""The image metric suite (dlsm.eval.suite): Table 2 on known answers (a perfect sampler, a class-blind one),
+"""The image metric suite (dlsm.eval.images): Table 2 on known answers (a perfect sampler, a class-blind one),
 streamed features against one pass, the real-data feature cache, Table 2's markdown, Figure 4, and bad input."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import gin
 import pytest
 import torch
 
+from dlsm.data.images import digits, to_model_space
 from dlsm.errors import CheckpointError, ConfigError, DataError, print_error
 from dlsm.eval.evaluator import features_and_logits, load_or_train_evaluator
 from dlsm.eval.fid import fid_from_features, kid_from_features
-from dlsm.eval.prdc import prdc
-from dlsm.eval.suite import (
+from dlsm.eval.images import (
     FeatureStream,
     check_samples,
     evaluator_network,
@@ -21,9 +21,9 @@ from dlsm.eval.suite import (
     reference_features,
     table2_markdown,
 )
-from dlsm.images import digits, to_model_space
-from dlsm.metrics import Evaluation
-from dlsm.schedules import noise_schedule
+from dlsm.eval.points import Evaluation
+from dlsm.eval.prdc import prdc
+from dlsm.math.schedules import noise_schedule
 
 SETTINGS = dict(seed=0, n_iters=150, batch_size=64, lr=2e-3, width=16, depth=1)
 

@@ -1,4 +1,4 @@
-"""dlsm.images: uint8 image datasets, CIFAR through torchvision's real loader, digits split and resize."""
+"""dlsm.data.images: uint8 image datasets, CIFAR through torchvision's real loader, digits split and resize."""
 
 import os
 import pickle
@@ -11,8 +11,8 @@ import pytest
 import torch
 from cifar_archives import CIFAR10_NAMES, make_cifar10, make_cifar100  # tests/, on sys.path
 
+from dlsm.data.images import ImageData, cifar10, cifar100, digits, digits_to_uint8
 from dlsm.errors import DataError
-from dlsm.images import ImageData, cifar10, cifar100, digits, digits_to_uint8
 
 
 @pytest.fixture

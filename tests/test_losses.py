@@ -1,4 +1,5 @@
-"""DSM, DLSM', CE and total losses (dlsm.losses) on Gaussian problems whose optimal values are known in closed form.
+"""DSM, DLSM', CE and total losses (dlsm.math.losses) on Gaussian problems whose optimal values are known in
+closed form.
 
 Monte-Carlo assertions use |mean - expected| < 4 standard errors, with paired samples wherever two models
 are compared so that the standard error is that of the per-sample difference.
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dlsm.losses import ce_loss, dlsm_loss, dsm_loss, perturb, sigma_weight, total_loss
+from dlsm.math.losses import ce_loss, dlsm_loss, dsm_loss, perturb, sigma_weight, total_loss
 
 Z = 4.0  # number of standard errors allowed
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from dlsm.data import LabelledData
+from dlsm.data.points import LabelledData
 from dlsm.errors import ConfigError
-from dlsm.metrics import Evaluation, heldout_metrics, score_error_metrics
-from dlsm.oracle import OracleScores
-from dlsm.scores import ModelScores
+from dlsm.eval.points import Evaluation, heldout_metrics, score_error_metrics
+from dlsm.math.oracle import OracleScores
+from dlsm.math.scores import ModelScores
 
 
 class GaussianPrior(nn.Module):

@@ -1,4 +1,4 @@
-"""Networks (dlsm.networks) against a manual float64 forward pass written from the module docstrings,
+"""Networks (dlsm.nets.mlp) against a manual float64 forward pass written from the module docstrings,
 Technique 3 scaling, sigma conditioning, and hand-counted parameter numbers."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlsm.errors import ConfigError
-from dlsm.networks import BranchClassifier, ClassifierMLP, ScoreMLP
+from dlsm.nets.mlp import BranchClassifier, ClassifierMLP, ScoreMLP
 
 
 def _logit_input_jacobian(clf, x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Parzen oracle (dlsm.oracle) and point-set metrics (dlsm.metrics) against brute-force float64 references."""
+"""Parzen oracle (dlsm.math.oracle) and point-set metrics (dlsm.eval.points) against brute-force float64 references."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlsm.metrics import kth_nn_distance, mean_score_distance, precision_recall, sliced_wasserstein
-from dlsm.oracle import (
+from dlsm.eval.points import kth_nn_distance, mean_score_distance, precision_recall, sliced_wasserstein
+from dlsm.math.oracle import (
     OracleScores,
     oracle_likelihood_score,
     oracle_posterior_score,
@@ -349,10 +349,10 @@ class _ShiftedOracle:
 
 
 def test_score_error_metrics_known_answers_on_data_and_grid():
-    from dlsm.data import two_moons
-    from dlsm.metrics import Evaluation, score_error_metrics
-    from dlsm.oracle import OracleScores
-    from dlsm.schedules import noise_schedule
+    from dlsm.data.points import two_moons
+    from dlsm.eval.points import Evaluation, score_error_metrics
+    from dlsm.math.oracle import OracleScores
+    from dlsm.math.schedules import noise_schedule
 
     data = two_moons(400)
     oracle = OracleScores(data.x, data.y)
@@ -381,8 +381,8 @@ def test_likelihood_tracker_known_answers():
     norm of the oracle's likelihood score on the same points; with zero logits its CE is log 2."""
     from torch import nn
 
-    from dlsm.data import two_moons
-    from dlsm.metrics import LikelihoodScoreTracker
+    from dlsm.data.points import two_moons
+    from dlsm.eval.points import LikelihoodScoreTracker
 
     class Flat(nn.Module):
         def __init__(self):
@@ -411,7 +411,7 @@ def test_mean_and_ci_matches_scipy_t_interval():
     import numpy as np
     from scipy import stats
 
-    from dlsm.plots import mean_and_ci
+    from dlsm.report.plots import mean_and_ci
 
     runs = np.random.default_rng(0).normal(size=(5, 7))
     mean, half = mean_and_ci(runs)
@@ -421,7 +421,7 @@ def test_mean_and_ci_matches_scipy_t_interval():
 
 
 def test_posterior_sm_scores_follow_bayes_rule():
-    from dlsm.scores import PosteriorSMScores
+    from dlsm.math.scores import PosteriorSMScores
 
     prior = lambda x, s: -x  # noqa: E731
     class_models = [lambda x, s: -(x - 1.0), lambda x, s: -(x + 2.0)]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dlsm.errors import ConfigError
-from dlsm.experiment import build_methods
-from dlsm.networks import ClassifierMLP, ScoreMLP
+from dlsm.nets.mlp import ClassifierMLP, ScoreMLP
+from dlsm.stages.base import build_methods
 
 
 @pytest.fixture

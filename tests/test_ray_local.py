@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dlsm.cluster import LOCAL_ENV, is_loopback_address, ray_env
+from dlsm.sweep.cluster import LOCAL_ENV, is_loopback_address, ray_env
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -269,7 +269,7 @@ def test_connect_starts_a_new_loopback_instance_never_a_found_one(monkeypatch):
     import ray
     from ray._private import node
 
-    from dlsm import cluster
+    from dlsm.sweep import cluster
 
     seen = {}
 

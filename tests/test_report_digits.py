@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dlsm.report_digits import (
+from dlsm.report.digits import (
     SeedRuns,
     _count_sentence,
     _paired_mechanism,

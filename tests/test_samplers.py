@@ -1,4 +1,4 @@
-"""Samplers (dlsm.samplers) driven by the exact score of a Gaussian, checked against the law they must produce.
+"""Samplers (dlsm.math.samplers) driven by the exact score of a Gaussian, checked against the law they must produce.
 
 With score(x, sigma) = -(x - mu)/(s^2 + sigma^2) every sampler update is affine in x plus independent
 Gaussian noise, so the output is exactly Gaussian and its mean and variance follow a scalar float64
@@ -22,9 +22,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlsm.device import make_generator, resolve_device
-from dlsm.samplers import annealed_langevin, predictor_corrector, prior_sample
-from dlsm.schedules import geometric_sigmas, technique4_step_size
+from dlsm.math.samplers import annealed_langevin, predictor_corrector, prior_sample
+from dlsm.math.schedules import geometric_sigmas, technique4_step_size
+from dlsm.train.device import make_generator, resolve_device
 
 Z = 4.0
 N = 10_000

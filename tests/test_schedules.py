@@ -1,4 +1,4 @@
-"""Noise schedules and the NCSNv2 techniques (dlsm.schedules), each checked against an independent computation."""
+"""Noise schedules and the NCSNv2 techniques (dlsm.math.schedules), each checked against an independent computation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlsm.errors import ConfigError
-from dlsm.schedules import (
+from dlsm.math.schedules import (
     geometric_sigmas,
     langevin_step_sizes,
     log_uniform_sigmas,

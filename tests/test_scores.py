@@ -1,4 +1,4 @@
-"""Guided scores (dlsm.scores) against the closed-form scores of a noisy Gaussian mixture, in float64.
+"""Guided scores (dlsm.math.scores) against the closed-form scores of a noisy Gaussian mixture, in float64.
 
 Data: p(x, y=k) = pi_k N(x; mu_k, s_k^2 I) in D dimensions. With VE noise of level sigma the noisy
 marginals stay Gaussian, p_sigma(x|k) = N(x; mu_k, v_k I) with v_k = s_k^2 + sigma^2, so
@@ -25,8 +25,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dlsm.oracle import OracleScores, parzen_score
-from dlsm.scores import (
+from dlsm.math.oracle import OracleScores, parzen_score
+from dlsm.math.scores import (
     ExactLikelihoodScores,
     ModelScores,
     likelihood_score,

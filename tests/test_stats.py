@@ -1,4 +1,5 @@
-"""dlsm.stats: Student-t intervals against known quantiles and hand computations, paired differences, verdicts."""
+"""dlsm.report.stats: Student-t intervals against known quantiles and hand computations, paired differences,
+verdicts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dlsm.errors import ConfigError
-from dlsm.stats import mean_ci, paired_ci, verdict
+from dlsm.report.stats import mean_ci, paired_ci, verdict
 
 # t_{0.975, 2} in closed form (df = 2: t_q = (2q - 1) sqrt(2 / (4 q (1 - q)))); df = 9 from printed tables (10 digits)
 T975 = {2: 0.95 * math.sqrt(2.0 / (4 * 0.975 * 0.025)), 9: 2.2621571628}

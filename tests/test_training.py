@@ -1,4 +1,4 @@
-"""Training loop (dlsm.training): the sigma draw, checkpoints, exact resume, the NaN guard and the EMA."""
+"""Training loop (dlsm.train.loop): the sigma draw, checkpoints, exact resume, the NaN guard and the EMA."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from hypothesis import strategies as st
 from scipy import stats
 from torch import nn
 
-from dlsm.data import two_moons
-from dlsm.device import resolve_device
+from dlsm.data.images import ImageData
+from dlsm.data.points import two_moons
 from dlsm.errors import CheckpointError, ConfigError, NonFiniteLossError
-from dlsm.images import ImageData
-from dlsm.losses import dsm_loss
-from dlsm.networks import ScoreMLP
-from dlsm.schedules import NoiseSchedule, geometric_sigmas, log_uniform_sigmas
-from dlsm.training import draw_sigmas, load_checkpoint, save_checkpoint, train, warmup_factor
+from dlsm.math.losses import dsm_loss
+from dlsm.math.schedules import NoiseSchedule, geometric_sigmas, log_uniform_sigmas
+from dlsm.nets.mlp import ScoreMLP
+from dlsm.train.device import resolve_device
+from dlsm.train.loop import draw_sigmas, load_checkpoint, save_checkpoint, train, warmup_factor
 
 DATA = two_moons(n=200)
 SCHEDULE = NoiseSchedule(sigmas=geometric_sigmas(40.0, 0.01, 10), eps=1e-5, n_steps_each=5)
@@ -614,8 +614,8 @@ def test_compile_failure_is_a_one_line_config_error(tmp_path: Path, monkeypatch)
 def test_compile_of_a_dlsm_classifier_is_a_one_line_config_error(tmp_path: Path, monkeypatch):
     """Total = DLSM' + CE differentiates the classifier's input gradient; torch.compile (AOTAutograd, here with the
     aot_eager backend to skip the C++ build) has no double backward: one line naming the switch, not a traceback."""
-    from dlsm.losses import total_loss
-    from dlsm.networks import ClassifierMLP
+    from dlsm.math.losses import total_loss
+    from dlsm.nets.mlp import ClassifierMLP
 
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="aot_eager"))

@@ -2,7 +2,7 @@
 
 import sys
 
-from dlsm.sweep import main
+from dlsm.sweep.driver import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="tune/sweep.py"))

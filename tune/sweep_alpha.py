@@ -9,7 +9,7 @@ method's samples to the class data (mean over classes).
 
 import sys
 
-from dlsm.sweep import main
+from dlsm.sweep.driver import main
 
 if __name__ == "__main__":
     sys.exit(main(param="ALPHA", values=["1.0", "2.0", "4.0", "8.0"], share="stage2",

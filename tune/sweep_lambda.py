@@ -9,7 +9,7 @@ in the MLflow UI and in the printed table.
 
 import sys
 
-from dlsm.sweep import main
+from dlsm.sweep.driver import main
 
 if __name__ == "__main__":
     sys.exit(main(param="LAM", values=["0.03125", "0.125", "0.5", "2.0"], share="stage1", prog="tune/sweep_lambda.py"))

@@ -8,7 +8,7 @@
 import argparse
 import sys
 
-from dlsm.sweep import main
+from dlsm.sweep.driver import main
 
 TRAINING = ("SIGMA_MAX", "SIGMA_MIN", "noise_schedule.sigma_max", "noise_schedule.sigma_min")
 

@@ -5,7 +5,7 @@
 - ``dlsm.eval.fid``: FID, KID, IS through torchmetrics, from features; Inception-v3 features from a local weights file;
 - ``dlsm.eval.evaluator``: the project's own evaluator classifier (features, logits, sample accuracy), cached;
 - ``dlsm.eval.cas``: the classification accuracy score (Ravuri & Vinyals 2019);
-- ``dlsm.eval.suite``: all of them as the gin-bound suite ``image_metrics`` (Table 2, Figure 4), feature networks
+- ``dlsm.eval.images``: all of them as the gin-bound suite ``image_metrics`` (Table 2, Figure 4), feature networks
   ``evaluator_network`` / ``inception_network``, features streamed while sampling and cached for the real data.
 
 ``from dlsm.eval.prdc import prdc`` for the function (the module keeps the metric's name).
@@ -30,8 +30,7 @@ from dlsm.eval.fid import (
     kid_from_features,
     load_inception,
 )
-from dlsm.eval.prdc import classwise
-from dlsm.eval.suite import (
+from dlsm.eval.images import (
     FeatureNet,
     FeatureStream,
     evaluator_network,
@@ -40,6 +39,7 @@ from dlsm.eval.suite import (
     inception_network,
     table2_markdown,
 )
+from dlsm.eval.prdc import classwise
 
 __all__ = [
     "EVALUATOR_VERSION",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from dlsm.data.images import ImageData
 from dlsm.errors import DataError
 from dlsm.eval.evaluator import (
     DEFAULT_BATCH_SIZE,
@@ -36,7 +37,6 @@ from dlsm.eval.evaluator import (
     DEFAULT_WIDTH,
     train_evaluator,
 )
-from dlsm.images import ImageData
 
 __all__ = ["cas"]
 

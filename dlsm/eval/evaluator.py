@@ -29,7 +29,7 @@ Cache (:func:`load_or_train_evaluator`): ``cache_dir / evaluator-{dataset}-{C}x{
 :data:`EVALUATOR_VERSION`, the dataset's name, class count, model space, image shape, split sizes, the SHA-256 of
 each split's uint8 pixels and int64 labels, and every training setting including the seed (the device is not a
 setting: the checkpoint records where it was trained). The checkpoint, written atomically by
-:func:`dlsm.checkpoints.save_checkpoint`, holds ``{model, test_accuracy, key, trained_on, train_seconds}``.
+:func:`dlsm.train.checkpoints.save_checkpoint`, holds ``{model, test_accuracy, key, trained_on, train_seconds}``.
 A cache file that cannot be read, or whose stored key differs from the requested one, is a one-line
 :class:`~dlsm.errors.CheckpointError` that says to delete it: a damaged evaluator is never silently replaced,
 since every metric computed with it would change.
@@ -55,11 +55,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlsm.checkpoints import load_checkpoint, load_into, save_checkpoint
-from dlsm.device import make_generator, resolve_device
+from dlsm.data.images import ImageData, random_hflip, to_model_space
 from dlsm.errors import CheckpointError, ConfigError, DataError
-from dlsm.images import ImageData, random_hflip, to_model_space
 from dlsm.nets.common import check_image_shape, check_input, count_parameters
+from dlsm.train.checkpoints import load_checkpoint, load_into, save_checkpoint
+from dlsm.train.device import make_generator, resolve_device
 
 __all__ = [
     "EVALUATOR_VERSION",
@@ -235,7 +235,7 @@ def train_evaluator(
     in eval mode on ``device`` and its accuracy on ``test`` (argmax of the logits, eval mode).
 
     Per step: ``idx ~ U{0..N-1}^batch_size`` (with replacement), then with ``augment`` the flip coins
-    (:func:`dlsm.images.random_hflip`) and the crop offsets (:func:`random_crop`), all from
+    (:func:`dlsm.data.images.random_hflip`) and the crop offsets (:func:`random_crop`), all from
     ``make_generator(seed, device)``; loss = mean cross-entropy; Adam step at
     ``lr_t = lr (1 + cos(pi t / n_iters)) / 2``, t = 0..n_iters-1.
     """
@@ -383,7 +383,7 @@ def features_and_logits(
     """
     if not images.is_floating_point():
         raise TypeError(f"features_and_logits takes float images in model space, got {images.dtype}; "
-                        "convert uint8 with dlsm.images.to_model_space")
+                        "convert uint8 with dlsm.data.images.to_model_space")
     dev = next(net.parameters()).device
     feats, logits = [], []
     with _eval_mode(net):

@@ -2,7 +2,7 @@
 RefineNet) and a sigma-conditioned conv classifier (ResNet-18/34 widths as in the official DLSM code).
 
 Both take ``(x, sigma)`` with x of shape (B, C, H, W) and sigma a float or a (B,) tensor, and condition on
-c_noise = log(sigma) through :class:`GaussianFourierEmbedding`. The MLPs for flat data are in ``dlsm.networks``.
+c_noise = log(sigma) through :class:`GaussianFourierEmbedding`. The MLPs for flat data are in ``dlsm.nets.mlp``.
 """
 
 from dlsm.nets.common import count_parameters

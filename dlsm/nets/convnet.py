@@ -25,7 +25,7 @@ of that example alone); the likelihood score used for sampling must then be comp
 (the default) and ``'none'`` keep examples independent in both modes. dlsm follows the official code: stage 2
 trains in training mode (batch statistics, so DLSM\'s input gradient carries the O(1/B) cross-example terms of the
 batch mean and variance, exactly as the official loss does), and every *use* of a trained classifier -- sampling,
-metrics, snapshots -- runs in eval mode with the running statistics (:class:`dlsm.scores.ModelScores` sets it).
+metrics, snapshots -- runs in eval mode with the running statistics (:class:`dlsm.math.scores.ModelScores` sets it).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch import nn
 from dlsm.errors import ConfigError
 from dlsm.nets.common import check_groups, check_image_shape, check_input, count_parameters
 from dlsm.nets.embeddings import GaussianFourierEmbedding
-from dlsm.networks import _as_batch, c_in
+from dlsm.nets.mlp import _as_batch, c_in
 
 __all__ = ["BasicBlock", "ConvClassifier"]
 

@@ -55,7 +55,7 @@ from torch.nn import functional as F
 
 from dlsm.errors import ConfigError
 from dlsm.nets.common import check_image_shape, check_input, count_parameters
-from dlsm.networks import _as_batch
+from dlsm.nets.mlp import _as_batch
 
 __all__ = [
     "CRPBlock",

@@ -46,7 +46,7 @@ from torch import nn
 from dlsm.errors import ConfigError
 from dlsm.nets.common import check_groups, check_image_shape, check_input, count_parameters
 from dlsm.nets.embeddings import GaussianFourierEmbedding
-from dlsm.networks import _as_batch, c_in
+from dlsm.nets.mlp import _as_batch, c_in
 
 __all__ = ["AttentionBlock", "ResBlock", "ScoreUNet", "UNet"]
 

@@ -9,11 +9,11 @@ import gin
 from torch import nn
 
 from dlsm import config as cfg
-from dlsm import distributed as dist
 from dlsm.errors import ConfigError
-from dlsm.experiment import Run, State, build_network, method_key
-from dlsm.plots import training_curves_figure
+from dlsm.report.plots import training_curves_figure
+from dlsm.stages.base import Run, State, build_network, method_key
 from dlsm.stages.common import fit, reuse
+from dlsm.train import distributed as dist
 
 __all__ = ["train_classifiers"]
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import gin
 from torch import nn
 
-from dlsm import distributed as dist
-from dlsm.checkpoints import load_ema_weights
-from dlsm.experiment import Run, seed_everything
-from dlsm.plots import loss_curves
-from dlsm.training import train
+from dlsm.report.plots import loss_curves
+from dlsm.stages.base import Run, seed_everything
+from dlsm.train import distributed as dist
+from dlsm.train.checkpoints import load_ema_weights
+from dlsm.train.loop import train
 
 __all__ = ["STAGE1", "fit", "reuse"]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import gin
 
-from dlsm.experiment import Run, State, method_key
-from dlsm.metrics import Evaluation, classifier_metrics, sample_metrics
-from dlsm.plots import loss_curves
+from dlsm.eval.points import Evaluation, classifier_metrics, sample_metrics
+from dlsm.report.plots import loss_curves
+from dlsm.stages.base import Run, State, method_key
 
 __all__ = ["cache_dir", "classifier_loss_settings", "evaluate", "feature_nets", "figures", "log_artifacts",
            "log_points", "test_split"]
@@ -38,7 +38,7 @@ def test_split(run: Run, state: State) -> Callable[[], object]:
 def feature_nets(run: Run, state: State) -> list:
     """The image feature networks (``image_features``), built once per launch and kept in ``state``."""
     if state.feature_nets is None:
-        from dlsm.eval.suite import image_features
+        from dlsm.eval.images import image_features
 
         test = test_split(run, state)()
         state.feature_nets = image_features(state.data, test, device=run.device, cache_dir=cache_dir(run))

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from dlsm import config as cfg
-from dlsm.device import make_generator
 from dlsm.errors import ConfigError
-from dlsm.experiment import Run, State
-from dlsm.plots import paper_order
-from dlsm.samplers import prior_sample
+from dlsm.math.samplers import prior_sample
+from dlsm.report.plots import paper_order
+from dlsm.stages.base import Run, State
+from dlsm.train.device import make_generator
 
 __all__ = [
     "class_counts", "exact_likelihood", "image_grid", "parzen_oracle", "sample", "sample_class", "sample_grid_snapshot",
@@ -103,7 +103,7 @@ def parzen_oracle(run: Run, state: State, *, as_method: bool = True) -> State:
     """The Parzen-window oracle of the training data (method (e) of the DLSM paper's moons table): exact
     prior, likelihood and posterior scores of the noisy empirical distribution, in float64. The reference of
     the score-error metrics and, with ``as_method``, sampled as the method ``oracle``. Small data only."""
-    from dlsm.oracle import OracleScores
+    from dlsm.math.oracle import OracleScores
 
     data = state.data
     state.oracle = OracleScores(data.x, data.y)
@@ -115,11 +115,11 @@ def parzen_oracle(run: Run, state: State, *, as_method: bool = True) -> State:
 @gin.configurable(denylist=["run", "state"])
 def exact_likelihood(run: Run, state: State, *, alpha: float = 1.0, name: str = "exact") -> State:
     """The method ``name``: the trained prior model plus alpha times the *exact* likelihood score of the Parzen
-    oracle of the training data (:class:`dlsm.scores.ExactLikelihoodScores`), sampled like base / scaling / ours:
+    oracle of the training data (:class:`dlsm.math.scores.ExactLikelihoodScores`), sampled like base / scaling / ours:
     what a perfect classifier would buy with this score model and sampler. Put it after ``train_score_model`` and
     before ``sample``. Small data only (the oracle reads every training image at every step)."""
-    from dlsm.oracle import OracleScores
-    from dlsm.scores import ExactLikelihoodScores
+    from dlsm.math.oracle import OracleScores
+    from dlsm.math.scores import ExactLikelihoodScores
 
     if state.score_model is None:
         raise ConfigError("exact_likelihood needs the score model: list it after train_score_model in "
@@ -154,7 +154,7 @@ def sample(
         run.tracker.log_params({**run.params, "alpha": spec.alpha, "n_per_class": str(counts)})
         stream = None
         if stream_features and image:
-            from dlsm.eval.suite import FeatureStream
+            from dlsm.eval.images import FeatureStream
             from dlsm.stages.evaluate import feature_nets
 
             stream = state.stream = FeatureStream(feature_nets(run, state))

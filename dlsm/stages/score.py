@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import gin
 
-from dlsm.experiment import Run, State, build_network
-from dlsm.scores import PosteriorSMScores
+from dlsm.math.scores import PosteriorSMScores
+from dlsm.stages.base import Run, State, build_network
 from dlsm.stages.common import STAGE1, fit, reuse
 
 __all__ = ["posterior_sm", "train_score_model"]

@@ -1,6 +1,6 @@
 """Datasets, held in memory as (x, y) tensors. Each loader is a gin configurable returning LabelledData.
 
-LabelledData speaks the dataset protocol of :class:`dlsm.images.ImageData` (``len``, ``shape``, ``device``,
+LabelledData speaks the dataset protocol of :class:`dlsm.data.images.ImageData` (``len``, ``shape``, ``device``,
 ``to``, ``subset``, ``batch``, ``decode``), so the trainer and the samplers treat points and images alike.
 """
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dlsm.config import constrain, finite_nonnegative
-from dlsm.scores import likelihood_score_and_logits
+from dlsm.math.scores import likelihood_score_and_logits
 
 __all__ = ["ce_loss", "dlsm_loss", "dsm_loss", "perturb", "sigma_weight", "total_loss"]
 

@@ -2,7 +2,7 @@
 
 ``score_fn(x, sigma)`` may be a prior score model, a posterior (guided) score or an oracle;
 guidance is therefore available to every sampler. Nothing here touches global RNG state:
-all noise comes from ``generator``, a torch.Generator on x's device (see :func:`dlsm.device.make_generator`).
+all noise comes from ``generator``, a torch.Generator on x's device (see :func:`dlsm.train.device.make_generator`).
 
 Device discipline: the noise is drawn on x's device (float32, then cast to x's dtype, so that CPU runs give
 the numbers of a CPU float32 stream for every dtype); ``sigmas`` is copied to x's device once and the
@@ -18,8 +18,8 @@ import gin
 import torch
 from tqdm.auto import tqdm
 
-from dlsm.schedules import langevin_step_sizes
-from dlsm.scores import ScoreFn
+from dlsm.math.schedules import langevin_step_sizes
+from dlsm.math.scores import ScoreFn
 
 __all__ = ["annealed_langevin", "predictor_corrector", "prior_sample"]
 

@@ -17,11 +17,11 @@ import gin
 import torch
 from torch import nn
 
-from dlsm.data import LabelledData
+from dlsm.data.points import LabelledData
 from dlsm.errors import ConfigError
-from dlsm.oracle import OracleScores
-from dlsm.schedules import NoiseSchedule
-from dlsm.scores import ModelScores, PosteriorSMScores, likelihood_score
+from dlsm.math.oracle import OracleScores
+from dlsm.math.schedules import NoiseSchedule
+from dlsm.math.scores import ModelScores, PosteriorSMScores, likelihood_score
 
 __all__ = [
     "Evaluation",
@@ -49,7 +49,7 @@ class Evaluation:
     samples: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     oracle: OracleScores | None = None
     seed: int = 0
-    # image experiments (dlsm.eval.suite.image_metrics): the test split, where networks run, the cache of the
+    # image experiments (dlsm.eval.images.image_metrics): the test split, where networks run, the cache of the
     # evaluator and of real-data features, the features streamed while sampling, and the feature networks
     test_data: Callable[[], object] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -273,7 +273,7 @@ def heldout_metrics(
     score matches the posterior's denoising target on data the classifier never saw), and the cross-entropy
     ``.../ce/`` and accuracy ``.../acc/`` there. The same x, z for every classifier. Needs image data (a test
     split) and the score model; returns nothing otherwise."""
-    from dlsm.losses import dlsm_loss
+    from dlsm.math.losses import dlsm_loss
 
     test = ev.test_data() if ev.test_data is not None else None
     score_models = [m.score_model for m in ev.methods.values() if isinstance(m, ModelScores)]

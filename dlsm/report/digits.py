@@ -8,7 +8,7 @@ scikit-learn's handwritten digits) generated from the seed sweeps in MLflow.
 base, scaling, ours, every (classifier loss, lambda, alpha) point, the sanity rows, the score errors against the
 Parzen oracle); ``--images32`` that of the same sweep over ``gin/digits32.gin`` (32 x 32, the CIFAR networks). The
 latest finished sweep run of each is read, one trial = one seed; an experiment with no sweep is read as its latest
-finished run (one seed). Every number is a mean with its 95 % Student-t interval over seeds (:mod:`dlsm.stats`),
+finished run (one seed). Every number is a mean with its 95 % Student-t interval over seeds (:mod:`dlsm.report.stats`),
 every comparison a paired interval over the same seeds with its verdict; nothing is typed by hand except the
 optional ``--notes`` file, appended verbatim. Figures are written beside the report (``<out stem>/*.png``).
 """
@@ -30,10 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from dlsm.errors import ConfigError
-from dlsm.eval.suite import PRDC, TABLE2_COLUMNS, figure4
-from dlsm.frontier import Axis, frontier_figure, frontier_points, frontier_table
-from dlsm.report import _client, _table
-from dlsm.stats import Interval, mean_ci, paired_ci, verdict
+from dlsm.eval.images import PRDC, TABLE2_COLUMNS, figure4
+from dlsm.report.common import client as mlflow_client
+from dlsm.report.common import run_report
+from dlsm.report.common import table as md_table
+from dlsm.report.frontier import Axis, frontier_figure, frontier_points, frontier_table
+from dlsm.report.stats import Interval, mean_ci, paired_ci, verdict
 
 __all__ = ["SeedRuns", "claim_lines", "mechanism_rows", "paired_rows", "table2_rows", "write_digits_report"]
 
@@ -147,7 +149,7 @@ def table2_rows(runs: SeedRuns, methods: Sequence[str]) -> str:
         if not any(runs.has(m, key) for _, key in cols):
             continue
         rows.append([m] + [str(runs.ci(m, key)) if runs.has(m, key) else "—" for _, key in cols])
-    return _table(["method", *[label for label, _ in cols]], rows)
+    return md_table(["method", *[label for label, _ in cols]], rows)
 
 
 def paired_rows(runs: SeedRuns, a: str, b: str) -> tuple[str, dict[str, tuple[str, Interval]]]:
@@ -162,7 +164,7 @@ def paired_rows(runs: SeedRuns, a: str, b: str) -> tuple[str, dict[str, tuple[st
         out[key] = (v, diff)
         per_seed = ", ".join(f"{x - y:+.3g}" for x, y in zip(runs.values(a, key), runs.values(b, key), strict=True))
         rows.append([label, per_seed, str(diff), v])
-    return _table(["metric", f"{a} − {b} per seed", "mean ± 95 % CI", f"{a} better?"], rows), out
+    return md_table(["metric", f"{a} − {b} per seed", "mean ± 95 % CI", f"{a} better?"], rows), out
 
 
 def _mean_over_classes(metrics: Mapping[str, float], method: str, stem: str, sigma: str) -> float | None:
@@ -194,7 +196,7 @@ def mechanism_rows(runs: SeedRuns, stem: str, names: Mapping[str, str], *, per_c
 
 def _mechanism_table(runs: SeedRuns, rows: dict[str, list]) -> str:
     sig = mechanism_sigmas(runs)
-    return _table(["", *[f"σ = {s}" for s in sig]], [[k] + [str(c) if c is not None else "—" for c in v]
+    return md_table(["", *[f"σ = {s}" for s in sig]], [[k] + [str(c) if c is not None else "—" for c in v]
                                                       for k, v in rows.items()])
 
 
@@ -384,7 +386,7 @@ def figure4_mean(client, runs: SeedRuns, fig_dir: Path, tag: str) -> list[str]:
                      str(sum(d < 0 for d in diffs)), f"{min(diffs):+.3g} to {max(diffs):+.3g}"])
     return [f"![Figure 4, {tag}]({fig_dir.name}/{name})", "",
             f"ours − base per class, mean over {len(per_seed)} seed{'s' if len(per_seed) != 1 else ''}:", "",
-            _table(["metric", "classes above 0", "at 0", "below 0", "range"], rows), ""]
+            md_table(["metric", "classes above 0", "at 0", "below 0", "range"], rows), ""]
 
 
 def figure3(client, runs: SeedRuns, fig_dir: Path, tag: str) -> list[str]:
@@ -456,7 +458,7 @@ def _settings(runs: SeedRuns) -> str:
             v = f"{v} = {runs.params[f'macro.{v[1:]}']}"
         rows.append([f"`{k}`", f"`{v[:200]}`"])
     rows += [[f"`{k}`", f"`{v}`"] for k, v in sorted(runs.params.items()) if k.startswith("schedule.")]
-    return _table(["binding", "value"], rows)
+    return md_table(["binding", "value"], rows)
 
 
 def _mechanism(runs: SeedRuns, fig_dir: Path) -> tuple[list[str], list[str]]:
@@ -509,7 +511,7 @@ def _mechanism(runs: SeedRuns, fig_dir: Path) -> tuple[list[str], list[str]]:
 
 def write_digits_report(frontier: str, images32: str | None, out: Path, notes: Path | None = None) -> Path:
     """Write ``out`` and its figures from the seed sweeps of the two experiments; returns ``out``."""
-    client = _client()
+    client = mlflow_client()
     fr = load_seed_runs(client, frontier)
     if fr is None:
         raise ConfigError(f"no finished {frontier!r} run in the MLflow store; run `make reproduce-digits` (or "
@@ -624,7 +626,5 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--notes", type=Path, default=None, help="markdown appended verbatim (hand-written discussion)")
     p.add_argument("--out", type=Path, default=Path("docs/results/digits.md"))
     args = p.parse_args(argv)
-    from dlsm.report import run_report
-
     return run_report(args.notes, lambda: write_digits_report(args.frontier, args.images32 or None, args.out,
                                                               args.notes))

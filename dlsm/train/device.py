@@ -13,8 +13,8 @@ import re
 import gin
 import torch
 
-from dlsm.distributed import local_rank, world_size
 from dlsm.errors import ConfigError
+from dlsm.train.distributed import local_rank, world_size
 
 __all__ = ["device", "make_generator", "resolve_device"]
 
@@ -27,7 +27,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
     CUDA devices come back with their index (``'cuda'`` -> ``cuda:<current device>``), so that they compare
     equal to ``tensor.device``. Asking for CUDA without a visible GPU, for a GPU index that does not exist,
-    or for an unknown name is a one-line ConfigError. Under torchrun (:mod:`dlsm.distributed`) the current device
+    or for an unknown name is a one-line ConfigError. Under torchrun (:mod:`dlsm.train.distributed`) the current device
     is ``cuda:LOCAL_RANK``, so ``'auto'`` and ``'cuda'`` give each process its own GPU; ``'cuda:N'`` naming
     another GPU than the process's own is a ConfigError there.
     """

@@ -8,7 +8,7 @@ whose state is checkpointed, so an interrupted run resumes on the same random st
 Everything of one run lives on one device (``train.device``): the model, the data, the generator and
 every random number; on the CPU the streams are those of ``torch.Generator().manual_seed(seed)``.
 
-Under torchrun (:mod:`dlsm.distributed`) every rank runs this same loop in lockstep: ``train.batch_size`` is the
+Under torchrun (:mod:`dlsm.train.distributed`) every rank runs this same loop in lockstep: ``train.batch_size`` is the
 global batch, each rank keeps its slice of it, DistributedDataParallel averages the gradients, rank 0 alone logs
 and checkpoints; one process is the world of one, with the same numbers as before.
 """
@@ -30,8 +30,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dlsm import distributed as dist
-from dlsm.checkpoints import (  # noqa: F401  (re-exported: the trainer's checkpoint API)
+from dlsm.data.points import LabelledData
+from dlsm.errors import ConfigError, NonFiniteLossError
+from dlsm.math.schedules import NoiseSchedule
+from dlsm.train import distributed as dist
+from dlsm.train.checkpoints import (  # noqa: F401  (re-exported: the trainer's checkpoint API)
     ema_model,
     load_checkpoint,
     load_ema_weights,
@@ -39,10 +42,7 @@ from dlsm.checkpoints import (  # noqa: F401  (re-exported: the trainer's checkp
     restore_generator,
     save_checkpoint,
 )
-from dlsm.data import LabelledData
-from dlsm.device import make_generator, resolve_device
-from dlsm.errors import ConfigError, NonFiniteLossError
-from dlsm.schedules import NoiseSchedule
+from dlsm.train.device import make_generator, resolve_device
 
 __all__ = [
     "TrainResult",
@@ -74,7 +74,7 @@ def _sigma_sampler(
         lo, hi = math.log(schedule.sigma_min), math.log(schedule.sigma_max)
 
         def draw(n: int, generator: torch.Generator | None) -> torch.Tensor:
-            # dlsm.schedules.log_uniform_sigmas' formula, with u drawn on ``device``
+            # dlsm.math.schedules.log_uniform_sigmas' formula, with u drawn on ``device``
             u = torch.rand(n, generator=generator, device=device)
             return torch.exp(lo + u * (hi - lo))
 
@@ -100,7 +100,7 @@ def draw_sigmas(
     """Training noise levels for one minibatch, shape (n,), drawn from ``generator`` on ``device``.
 
     ``'log_uniform'``: log sigma ~ U(log sigma_min, log sigma_max), continuous (the formula of
-    :func:`dlsm.schedules.log_uniform_sigmas`, whose numbers it reproduces on the CPU).
+    :func:`dlsm.math.schedules.log_uniform_sigmas`, whose numbers it reproduces on the CPU).
     ``'discrete'``: sigma uniform over all L levels of ``schedule.sigmas``, sigma_1 (largest) to sigma_L
     (smallest) inclusive, as in NCSN/NCSNv2 training (``labels = torch.randint(0, len(sigmas), ...)``).
     ``device`` defaults to the generator's device, else the CPU.
@@ -240,12 +240,12 @@ def train(
     ``eval_fn(model)`` (if given) runs at step 0 and every ``eval_every`` steps on the weights being
     trained (not the EMA), in eval mode; its metrics go to ``log_fn`` at that step (training curves).
 
-    ``device`` ('cpu', 'cuda', 'cuda:N' or 'auto', see :func:`dlsm.device.resolve_device`): the model, the data
+    ``device`` ('cpu', 'cuda', 'cuda:N' or 'auto', see :func:`dlsm.train.device.resolve_device`): the model, the data
     (moved there whole with ``data.to``), the generator and every random number live there; the default 'cpu'
     keeps the CPU streams of earlier versions, and the pipeline passes the experiment's resolved device.
     Per step the generator draws, in order: the batch indices (on the data's device), the flip coins (only
     with ``flip``), sigma, then the noise. Data with a ``batch(idx, *, flip, generator)`` method
-    (:class:`dlsm.data.LabelledData`, :class:`dlsm.images.ImageData`) are read through it, others as
+    (:class:`dlsm.data.points.LabelledData`, :class:`dlsm.data.images.ImageData`) are read through it, others as
     ``data.x[idx], data.y[idx]``; for LabelledData both give the same numbers.
     ``warmup``: the update with 0-based index k uses lr * min(1, (k + 1) / warmup) (:func:`warmup_factor`); the
     base learning rates are checkpointed, so a resumed run continues the schedule. ``grad_clip``: max global
@@ -257,14 +257,14 @@ def train(
     ``snapshot_fn(ema_module, step)`` (not gin-bound; the pipeline's sample grid) is called, with the EMA module
     in eval mode, after every ``snapshot_every``-th step; ``snapshot_every = 0`` or no ``snapshot_fn``: never.
 
-    Several processes (torchrun, :mod:`dlsm.distributed`): ``batch_size`` is the *global* batch, so a gin file
+    Several processes (torchrun, :mod:`dlsm.train.distributed`): ``batch_size`` is the *global* batch, so a gin file
     trains the same way on any number of GPUs (and a checkpoint resumes on another number). Every rank draws the
     whole batch from the same generator as one process would and keeps its slice ``[rank b, (rank + 1) b)``,
     b = batch_size / world (which must be whole): that slice is the rank's data shard. The loss is the mean over the
     rank's slice and DistributedDataParallel averages the gradients, so the update is that of one process with the
     whole batch, up to float rounding (see tests/test_distributed.py); parameters, optimizer state and EMA stay
     identical on all ranks. Ranks other than 0 reseed torch's global RNG (dropout) with
-    :func:`dlsm.distributed.rank_seed`. Rank 0 alone writes checkpoints, calls ``eval_fn``, ``snapshot_fn`` and
+    :func:`dlsm.train.distributed.rank_seed`. Rank 0 alone writes checkpoints, calls ``eval_fn``, ``snapshot_fn`` and
     ``log_fn`` (the logged loss is the mean over ranks) and shows the progress bar; every rank resumes from the
     checkpoint rank 0 wrote. A NaN loss or a Ctrl-C on any rank stops every rank after the same step.
     """

@@ -1,7 +1,7 @@
 """Checkpoints and EMA weights: atomic writes, one-line errors for bad files, strict loading.
 
 A checkpoint is a dict ``{step, model, ema, optimizer, generator, device, base_lrs, warmup}`` written
-by :func:`dlsm.training.train` every ``train.ckpt_every`` steps; :func:`load_ema_weights` reuses the
+by :func:`dlsm.train.loop.train` every ``train.ckpt_every`` steps; :func:`load_ema_weights` reuses the
 EMA network of a finished stage (NCSNv2 Technique 5).
 """
 

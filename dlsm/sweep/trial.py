@@ -9,7 +9,7 @@ import time
 
 import gin
 
-from dlsm.sweep_results import class_mean
+from dlsm.sweep.results import class_mean
 
 __all__ = ["binding", "run_trial"]
 

@@ -32,7 +32,7 @@ import gin
 import torch
 from torch import Tensor
 
-from dlsm.checkpoints import load_checkpoint, save_checkpoint
+from dlsm.data.images import ImageData, to_model_space
 from dlsm.errors import CheckpointError, ConfigError, DataError
 from dlsm.eval.cas import cas
 from dlsm.eval.evaluator import (
@@ -47,7 +47,7 @@ from dlsm.eval.evaluator import (
 )
 from dlsm.eval.fid import fid_from_features, inception_score_from_logits, kid_from_features, load_inception
 from dlsm.eval.prdc import classwise, prdc
-from dlsm.images import ImageData, to_model_space
+from dlsm.train.checkpoints import load_checkpoint, save_checkpoint
 
 __all__ = [
     "FeatureNet",

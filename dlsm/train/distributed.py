@@ -11,7 +11,7 @@ a program that knows nothing of ranks.
 
 Who does what, everywhere in dlsm:
 
-- Training stages run on every rank in lockstep (:func:`dlsm.training.train`): ``train.batch_size`` is the
+- Training stages run on every rank in lockstep (:func:`dlsm.train.loop.train`): ``train.batch_size`` is the
   *global* batch; every rank draws the whole batch (indices, flips, sigmas, noise) from the same generator,
   exactly as one process would, and keeps its own slice of it (:func:`shard`): that slice is the rank's data
   shard. Gradients are averaged across ranks by DistributedDataParallel (:func:`wrap`), so N processes give
@@ -58,7 +58,7 @@ def _env_int(name: str, default: int) -> int:
 def init(timeout: timedelta | None = None) -> None:
     """Join the process group that torchrun's ``WORLD_SIZE`` > 1 announces (no-op for one process or when
     already joined). On a CUDA machine the current device becomes ``cuda:LOCAL_RANK`` first (if that GPU exists;
-    :func:`dlsm.device.resolve_device` refuses CUDA to a process without a GPU of its own). Needs torchrun's
+    :func:`dlsm.train.device.resolve_device` refuses CUDA to a process without a GPU of its own). Needs torchrun's
     ``MASTER_ADDR``/``MASTER_PORT`` (or another ``env://`` rendezvous)."""
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1 or dist.is_initialized():

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from dlsm.metrics import Evaluation, grid_points  # noqa: E402
+from dlsm.eval.points import Evaluation, grid_points  # noqa: E402
 
 __all__ = ["curve_band", "loss_curves", "mean_and_ci", "posterior_field_figure", "training_curves_figure"]
 

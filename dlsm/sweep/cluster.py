@@ -16,7 +16,7 @@ cloud-metadata, DNS or internet probe. What each setting does, as read in Ray 2.
   (169.254.169.254, metadata.google.internal: a DNS query) whether usage stats are on or not. No
   environment variable or ``ray.init`` argument stops it, so :func:`_patched_ray` skips that process
   (``Node.start_api_server``) when no dashboard is wanted; nothing else runs in it then. With
-  ``dashboard=True`` the dashboard binds 127.0.0.1 and runs through :mod:`dlsm._ray_dashboard`,
+  ``dashboard=True`` the dashboard binds 127.0.0.1 and runs through :mod:`dlsm.sweep._ray_dashboard`,
   which answers the cloud question with ``'unknown'`` instead of probing.
 - ``RAY_USAGE_STATS_ENABLED=0`` (no usage reports) and ``RAY_USAGE_STATS_REPORT_URL`` on a closed
   loopback port: a cluster started with ``ray start`` sends a "usage stats disabled" report to Ray's
@@ -104,7 +104,7 @@ def _patched_ray(dashboard: bool) -> Iterator[None]:
         def start_ray_process(command, process_type, *args, **kwargs):
             if process_type == "dashboard":
                 i = next(i for i, c in enumerate(command) if c.endswith("dashboard.py"))
-                command = [*command[:i], "-m", "dlsm._ray_dashboard", *command[i:]]
+                command = [*command[:i], "-m", "dlsm.sweep._ray_dashboard", *command[i:]]
             return saved_start(command, process_type, *args, **kwargs)
 
         services.start_ray_process = start_ray_process

@@ -2,7 +2,6 @@
 
     python -m dlsm.report [--table1 moons_table1] [--ablation moons_ablation] [--notes FILE]
                           [--out docs/results/moons.md]
-    python -m dlsm.report digits ...      (the digits report: dlsm.report_digits)
 
 Reads the latest finished parent run of each experiment from the tracking store (``./mlruns`` or
 ``MLFLOW_TRACKING_URI``), copies its figures next to the report, and writes markdown: the settings,
@@ -20,17 +19,18 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from dlsm.errors import ConfigError, DlsmError, print_error
-from dlsm.experiment import method_key
-from dlsm.plots import PAPER_LABELS, curve_band, paper_order
+from dlsm.errors import ConfigError
+from dlsm.report.common import client as mlflow_client
+from dlsm.report.common import run_report
+from dlsm.report.common import table as md_table
+from dlsm.report.plots import PAPER_LABELS, curve_band, paper_order
+from dlsm.stages.base import method_key
 
-__all__ = ["main", "run_report", "write_report"]
+__all__ = ["main", "write_report"]
 
 SETTINGS = (
     "SEED", "SIGMA_MIN", "SIGMA_MAX", "NUM_SCALES", "STEPS_PER_SCALE", "LANGEVIN_EPS", "LAM", "SCALING_ALPHA",
@@ -45,14 +45,6 @@ SETTINGS = (
     "ClassifierMLP.depth", "BranchClassifier.x_widths", "BranchClassifier.sigma_widths",
     "sample_metrics.k", "score_error_metrics.n_points",
 )
-
-
-def _client():
-    from mlflow.tracking import MlflowClient
-
-    from dlsm.tracking import default_tracking_uri
-
-    return MlflowClient(default_tracking_uri())
 
 
 class _Run:
@@ -103,12 +95,6 @@ def _fmt(v: float | None) -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def _sigmas(metrics: dict[str, float], stem: str) -> list[str]:
     found = {k.rsplit("/s", 1)[1] for k in metrics if f"/{stem}/s" in k}
     return sorted(found, key=float)
@@ -120,7 +106,7 @@ def _settings(run: _Run) -> str:
         v = run.params.get(k, run.params.get(f"macro.{k}"))
         if v is not None:
             rows.append([f"`{k}`", f"`{v}`"])
-    return _table(["binding", "value"], rows)
+    return md_table(["binding", "value"], rows)
 
 
 def _wall(run: _Run, label: str) -> list[str]:
@@ -148,7 +134,7 @@ def _table1(run: _Run, shape: str, sigma: str) -> tuple[str, list[str]]:
                 vals.append(_fmt(m.get(k)))
             label = PAPER_LABELS.get(n, "exact samples of p_σL(x|y) (mean of draws)" if n == "data" else n)
             rows.append([label if c == 0 else "", f"c{c + 1}"] + vals)
-    return _table(header, rows), names
+    return md_table(header, rows), names
 
 
 def _per_sigma(run: _Run, shape: str, stem: str) -> str:
@@ -161,7 +147,7 @@ def _per_sigma(run: _Run, shape: str, stem: str) -> str:
         key = n if n == "posterior_sm" else method_key(n, shape)
         vals = [np.mean([m[f"{key}/c{c}/{stem}/s{s}"] for c in (0, 1)]) for s in sigmas]
         rows.append([PAPER_LABELS.get(n, n)] + [_fmt(v) for v in vals])
-    return _table(["method"] + [f"σ={s}" for s in sigmas], rows)
+    return md_table(["method"] + [f"σ={s}" for s in sigmas], rows)
 
 
 def _ce_table(run: _Run, shape: str) -> str:
@@ -174,7 +160,7 @@ def _ce_table(run: _Run, shape: str) -> str:
         key = method_key(loss, shape)
         if f"{key}/ce/s{sigmas[0]}" in m:
             rows.append([loss] + [f"{_fmt(m[f'{key}/ce/s{s}'])} / {_fmt(m.get(f'{key}/acc/s{s}'))}" for s in sigmas])
-    return _table(["classifier loss"] + [f"CE / acc σ={s}" for s in sigmas], rows)
+    return md_table(["classifier loss"] + [f"CE / acc σ={s}" for s in sigmas], rows)
 
 
 def _yes(flag: bool) -> str:
@@ -278,14 +264,14 @@ def _figure5_text(run: _Run) -> list[str]:
                               + ", ".join(f"{lo} {_fmt(v)}" for lo, v in spread.items())
                               + f". Total more stable than DLSM' alone (both smaller): **{_yes(stable)}**.")
         lines += [f"#### Classifier shape `{shape}`", "",
-                  _table(["metric", "loss", "seeds", "at step 0", "min (mean) @ step", "final mean ± 95 % CI",
+                  md_table(["metric", "loss", "seeds", "at step 0", "min (mean) @ step", "final mean ± 95 % CI",
                           "final − min"], rows), "", *claims, ""]
     return lines
 
 
 def write_report(table1: str, ablation: str, out: Path, notes: Path | None = None) -> Path:
     """Write the markdown report and its figures (``<out stem>/*.png``); returns ``out``."""
-    client = _client()
+    client = mlflow_client()
     t1, ab = _Run(client, table1), _Run(client, ablation)
     fig_dir = out.parent / out.stem
     if fig_dir.exists():
@@ -356,11 +342,6 @@ def write_report(table1: str, ablation: str, out: Path, notes: Path | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["digits"]:  # the digits report (dlsm.report_digits)
-        from dlsm.report_digits import main as digits_main
-
-        return digits_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m dlsm.report", description=__doc__.splitlines()[0])
     p.add_argument("--table1", default="moons_table1", help="MLflow experiment of the Table-1 run")
     p.add_argument("--ablation", default="moons_ablation", help="MLflow experiment of the Figure-5 run")
@@ -369,21 +350,3 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     return run_report(args.notes, lambda: write_report(args.table1, args.ablation, args.out, args.notes))
 
-
-def run_report(notes: Path | None, write: Callable[[], Path]) -> int:
-    """The report commands' common part: no telemetry or progress bars, a missing ``--notes`` file or any
-    DlsmError as one line (exit 2), else ``write()`` and the path it wrote."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        if notes is not None and not notes.is_file():
-            raise ConfigError(f"--notes {notes}: no such file")
-        path = write()
-    except DlsmError as err:
-        return print_error(err)
-    print(f"dlsm: wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dlsm.scores import ScoreFn
+from dlsm.math.scores import ScoreFn
 
 __all__ = [
     "OracleScores",
@@ -85,7 +85,7 @@ def oracle_posterior_score_fn(data: torch.Tensor, labels: torch.Tensor, y: int) 
 
 
 class OracleScores:
-    """The Parzen oracle with the same interface as :class:`dlsm.scores.ModelScores` (method (e))."""
+    """The Parzen oracle with the same interface as :class:`dlsm.math.scores.ModelScores` (method (e))."""
 
     def __init__(self, data: torch.Tensor, labels: torch.Tensor) -> None:
         self.data, self.labels = data, labels

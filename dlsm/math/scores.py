@@ -118,7 +118,7 @@ class ModelScores:
 
 class ExactLikelihoodScores:
     """The prior model with a perfect classifier: s(x; phi) + alpha grad_x log p_sigma(y|x), the likelihood term of
-    the Parzen oracle of the training data (``oracle``: :class:`dlsm.oracle.OracleScores`; its Bayes-rule
+    the Parzen oracle of the training data (``oracle``: :class:`dlsm.math.oracle.OracleScores`; its Bayes-rule
     likelihood, Eq. (2) of the DLSM paper with exact densities). The sanity row "what would a perfect classifier
     buy with this score model and sampler" of a Table 2 reproduction."""
 

@@ -3,7 +3,8 @@ several seeds, and whether any point beats both base and scaling on both axes (i
 
 A point is one sampling method of the experiment, e.g. ``total_lam8_a3`` = (classifier ``total_lam8``, alpha 3);
 ``experiment.sampling_methods`` names them. Its value on an axis is the mean over seeds with a Student-t interval
-(:mod:`dlsm.stats`); "p beats b on an axis" means the paired interval of p - b over the same seeds lies wholly on the
+(:mod:`dlsm.report.stats`); "p beats b on an axis" means the paired interval of p - b over the same seeds
+lies wholly on the
 better side of 0, so a claim needs every seed's pair, not overlapping means.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dlsm.errors import ConfigError
-from dlsm.stats import Interval, mean_ci, paired_ci, verdict
+from dlsm.report.stats import Interval, mean_ci, paired_ci, verdict
 
 __all__ = ["Axis", "Point", "beats", "frontier_figure", "frontier_points", "frontier_table"]
 
@@ -63,7 +64,7 @@ def beats(
     runs: Sequence[Mapping[str, float]], a: str, b: str, axis: Axis, *, level: float = 0.95
 ) -> tuple[str, Interval]:
     """(verdict, paired interval of a - b over the seeds) for "method ``a`` is better than ``b`` on ``axis``":
-    'agrees', 'does not' or 'cannot tell at this sample size' (:func:`dlsm.stats.verdict`)."""
+    'agrees', 'does not' or 'cannot tell at this sample size' (:func:`dlsm.report.stats.verdict`)."""
     diff = paired_ci(_values(runs, a, axis.key), _values(runs, b, axis.key), level=level)
     return verdict(diff, higher_is_better=axis.higher_is_better), diff
 
