@@ -5,7 +5,7 @@ Gin keeps no type information, so :func:`check_binding_types` compares each boun
 annotation of the parameter it binds (``n_iters: int`` rejects ``'abc'``) before anything runs; a
 ``%MACRO`` is resolved (through other macros and inside dicts, lists and tuples) and checked against
 every parameter it reaches. Range checks declared with :func:`constrain` (``total_loss.lam >= 0``)
-run on the same resolved values.
+run on the same resolved values. Renamed bindings (:data:`RENAMED_BINDINGS`) are read under their new names.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
+import io
 import logging
 import math
 import re
@@ -28,13 +29,25 @@ import gin
 from dlsm.errors import ConfigError
 
 __all__ = [
-    "GIN_DIR", "bindings_as_params", "call_configurable", "check_binding_types", "config_hash", "constrain",
-    "finite_nonnegative", "finite_positive", "parse_config", "positive_int",
+    "GIN_DIR", "RENAMED_BINDINGS", "bindings_as_params", "call_configurable", "check_binding_types", "config_hash",
+    "constrain", "finite_nonnegative", "finite_positive", "parse_config", "positive_int",
 ]
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 _MACRO_BINDING = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=")  # 'LAM = 0.5' (a macro has no '.')
 T = TypeVar("T")
+
+# Bindings renamed since configs were saved, old -> new (a scope in front is kept): parse_config reads them under the
+# new name in gin files and --gin_param bindings, so a saved config (a run's operative_config.gin) means the same
+# thing; not in files pulled in by 'include' nor inside a 'selector:' block (gin's error there names the new one).
+RENAMED_BINDINGS: dict[str, str] = {
+    "evaluator_network.seed": "EvaluatorSettings.seed", "evaluator_network.n_iters": "EvaluatorSettings.n_iters",
+    "evaluator_network.batch_size": "EvaluatorSettings.batch_size", "evaluator_network.lr": "EvaluatorSettings.lr",
+    "evaluator_network.augment": "EvaluatorSettings.augment", "evaluator_network.width": "EvaluatorSettings.width",
+    "evaluator_network.depth": "EvaluatorSettings.depth",
+    "image_metrics.cas_n_iters": "cas/EvaluatorSettings.n_iters",
+    "image_metrics.cas_augment": "cas/EvaluatorSettings.augment",
+}
 
 
 def _one_line(err: BaseException) -> str:
@@ -42,6 +55,30 @@ def _one_line(err: BaseException) -> str:
     first = text.splitlines()[0] if text else type(err).__name__
     loc = re.search(r'In file "([^"]+)", line (\d+)', text)
     return f"{loc.group(1)}:{loc.group(2)}: {first}" if loc else first
+
+
+def _renamed(text: str) -> str:
+    """``text`` with each binding key named in :data:`RENAMED_BINDINGS` replaced by its new one, in place (line
+    numbers stay). gin's own parser finds the statements, so comments, strings and multi-line values are never
+    touched; a text it cannot parse is returned as it is, for gin to report with its file and line."""
+    try:
+        bindings = [st for st in gin.config_parser.ConfigParser(text, gin.config.ParserDelegate(skip_unknown=True))
+                    if isinstance(st, gin.config_parser.BindingStatement)]  # not an import, include or block
+    except (ValueError, SyntaxError, TypeError, tokenize.TokenError):
+        return text
+    lines = text.splitlines(keepends=True)
+    for st in bindings:
+        new = RENAMED_BINDINGS.get(f"{st.selector.rsplit('.', 1)[-1]}.{st.arg_name}")
+        old, i = f"{st.scope}/{st.selector}.{st.arg_name}".lstrip("/"), st.location.line_num - 1
+        if new and st.location.char_num is None and lines[i].startswith(old):  # char_num is set only in a block
+            lines[i] = (f"{st.scope}/{new}" if st.scope else new) + lines[i][len(old):]
+    return "".join(lines)
+
+
+def _renamed_hint(msg: str) -> str:
+    m = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", msg)  # a renamed binding?
+    new = RENAMED_BINDINGS.get(f"{m.group(1)}.{m.group(2)}") if m else None
+    return f"{msg} (renamed: bind {new})" if new else msg
 
 
 def _check_gin_file(f: str) -> None:
@@ -58,7 +95,8 @@ def _check_gin_file(f: str) -> None:
 def parse_config(
     files: Sequence[str], bindings: Sequence[str], *, labels: Sequence[str] | None = None, check: bool = True
 ) -> None:
-    """Parse gin ``files`` in order, then each ``--gin_param`` binding; raise ConfigError on any mistake.
+    """Parse gin ``files`` in order, then each ``--gin_param`` binding; raise ConfigError on any mistake. Renamed
+    bindings (:data:`RENAMED_BINDINGS`) in both are read under their new names.
 
     ``labels`` names where each binding came from in messages (default ``--gin_param '<binding>'``);
     ``check = False`` skips the type, range and macro checks (syntax and names are still checked)."""
@@ -75,20 +113,22 @@ def parse_config(
         for f in files:
             _check_gin_file(f)
             try:
-                gin.parse_config_file(f)
+                text = io.StringIO(_renamed(Path(f).read_text(encoding="utf-8")))
+                text.name = f  # gin's messages name the file and line, as when it opens the file itself
+                gin.parse_config(text)
             except UnicodeDecodeError as err:
                 raise ConfigError(f"{f}: not a text gin file ({err.reason} at byte {err.start})") from None
             except (ValueError, OSError, SyntaxError, TypeError, tokenize.TokenError) as err:
-                msg = _one_line(err)
+                msg = _renamed_hint(_one_line(err))
                 if not msg.startswith(f) and f not in msg:
                     kind = "gin syntax error: " if isinstance(err, (SyntaxError, tokenize.TokenError)) else ""
                     msg = f"{f}: {kind}{msg}"
                 raise ConfigError(msg) from None
         for b, label in zip(bindings, labels, strict=True):
             try:
-                gin.parse_config(b)
+                gin.parse_config(_renamed(b))
             except (ValueError, SyntaxError, TypeError, tokenize.TokenError) as err:
-                raise ConfigError(f"{label}: {_one_line(err)}") from None
+                raise ConfigError(f"{label}: {_renamed_hint(_one_line(err))}") from None
         if check:
             check_binding_types()
             _check_macros_used(bindings, labels)

@@ -98,6 +98,9 @@ def test_published_settings_of_the_cifar_files():
         assert q("classifier/train.n_iters") == 60000 and q("classifier/train.batch_size") == 150
         assert q("classifier/train.ema_decay") == 0.0 and q("ConvClassifier.blocks_per_stage") == (2, 2, 2, 2)
         assert q("sample.n_per_class") == 5100 and q("noise_schedule.num_scales") == 1000
+        # the evaluator's settings, bound once (CAS trains with them too: tests/test_image_suite.py)
+        assert q("EvaluatorSettings.width") == 32 and q("EvaluatorSettings.depth") == 3
+        assert q("EvaluatorSettings.n_iters") == 20000 and q("EvaluatorSettings.augment") is True
         gin.clear_config()
         parse_config([str(ROOT / "gin" / "cifar100.gin")], [])
         assert q("classifier/train.n_iters") == 60001 and q("classifier/train.warmup") == 1000

@@ -5,6 +5,7 @@ anything trains and (for sweeps) before Ray starts. Parse-time cases run ``dlsm.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dlsm import launch
+from dlsm.errors import ConfigError
 from dlsm.sweep import driver as sweep_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +67,11 @@ PARSE_TIME = [
     (["ScoreMLP.hiden = 3"], "--gin_param 'ScoreMLP.hiden = 3': Configurable 'ScoreMLP' doesn't have a parameter"),
     (["sample.n_per_class = 0"],
      "sample.n_per_class = 0: must be a positive integer, a dict {class: positive integer}, or None"),
+    (["EvaluatorSettings.n_iters = 'abc'"], "EvaluatorSettings.n_iters = 'abc': expected int"),  # a class's fields
+    (["evaluator_network.n_iters = 'abc'"], "EvaluatorSettings.n_iters = 'abc': expected int"),  # renamed binding
+    (["cas/EvaluatorSettings.width = 0"], "cas/EvaluatorSettings.width = 0: must be an integer >= 1"),
+    (["image_metrics.cas_n_iters = 0"], "cas/EvaluatorSettings.n_iters = 0: must be an integer >= 1"),
+    (["EvaluatorSettings.batch_size = 1"], "EvaluatorSettings.batch_size = 1: must be an integer >= 2 (for BatchNorm)"),
 ]
 
 
@@ -85,6 +92,44 @@ def test_good_macros_in_nested_values_pass_the_checks():
                            "A = %B", "B = 2", "EVAL_SIGMAS = (0.5, %S)", "S = 7.5", "LAM = 0"])
     for f in ("moons.gin", "moons_table1.gin", "moons_ablation.gin"):  # the shipped files stay valid
         parse_config([str(ROOT / "gin" / f)], [])
+
+
+def test_configs_saved_before_a_rename_parse_and_mean_the_same(tmp_path):
+    """Renamed bindings (dlsm.config.RENAMED_BINDINGS) in a saved operative config and on the command line are read
+    under their new names; other statements and line numbers are left as they were."""
+    import gin
+
+    from dlsm import components  # noqa: F401
+    from dlsm.config import parse_config
+    from dlsm.eval.evaluator import EvaluatorSettings
+
+    def cas_settings() -> EvaluatorSettings:
+        with gin.config_scope("cas"):
+            return EvaluatorSettings()
+
+    try:
+        for saved in ("operative_config_ba2b850_moons.gin", "operative_config_ba2b850_digits_smoke.gin"):
+            parse_config([str(ROOT / "tests" / "data" / saved)], [])
+        # evaluator_network.n_iters = 5 and image_metrics.cas_n_iters = 5 (cas_augment = False), the rest defaults
+        assert EvaluatorSettings() == EvaluatorSettings(seed=0, n_iters=5, batch_size=64, lr=2e-3, augment=False,
+                                                        width=16, depth=1)
+        assert cas_settings().n_iters == 5 and not cas_settings().augment
+        parse_config([MOONS], ["evaluator_network.width = 32", "s/image_metrics.cas_n_iters = 7",
+                               "image_metrics.cas_augment = True"])
+        assert EvaluatorSettings().width == 32
+        assert cas_settings() == EvaluatorSettings(seed=0, n_iters=200, batch_size=64, lr=2e-3, augment=True, width=32,
+                                                   depth=1)
+        with gin.config_scope("s"):  # a scope in front of the old binding stays in front of the new one
+            assert cas_settings().n_iters == 7 and EvaluatorSettings().n_iters == 200
+        old = tmp_path / "old.gin"  # a renamed binding before an error: the error keeps its line
+        old.write_text("# saved\nevaluator_network.width = 8  # evaluator_network.depth = 2\nScoreMLP.hiden = 3\n")
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(old))}:3: Configurable 'ScoreMLP' doesn't have a "):
+            parse_config([str(old)], [])
+        old.write_text("image_metrics:\n    cas_n_iters = 3\n")  # a block is not rewritten: gin's error says how
+        with pytest.raises(ConfigError, match=r"named 'cas_n_iters'. \(renamed: bind cas/EvaluatorSettings.n_iters\)"):
+            parse_config([str(old)], [])
+    finally:
+        gin.clear_config()
 
 
 def test_bad_gin_files(tmp_path, monkeypatch, capsys):

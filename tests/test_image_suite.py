@@ -3,13 +3,16 @@ streamed features against one pass, the real-data feature cache, Table 2's markd
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import gin
 import pytest
 import torch
 
 from dlsm.data.images import digits, to_model_space
 from dlsm.errors import CheckpointError, ConfigError, DataError, print_error
-from dlsm.eval.evaluator import features_and_logits, load_or_train_evaluator
+from dlsm.eval.evaluator import EvaluatorSettings, features_and_logits, load_or_train_evaluator
 from dlsm.eval.fid import fid_from_features, kid_from_features
 from dlsm.eval.images import (
     FeatureStream,
@@ -25,7 +28,8 @@ from dlsm.eval.points import Evaluation
 from dlsm.eval.prdc import prdc
 from dlsm.math.schedules import noise_schedule
 
-SETTINGS = dict(seed=0, n_iters=150, batch_size=64, lr=2e-3, width=16, depth=1)
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = EvaluatorSettings(seed=0, n_iters=150, batch_size=64, lr=2e-3, augment=False, width=16, depth=1)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def net(splits, cache):
     train, test = splits
-    return evaluator_network(train, test, device=torch.device("cpu"), cache_dir=cache, **SETTINGS)
+    return evaluator_network(train, test, device=torch.device("cpu"), cache_dir=cache, settings=SETTINGS)
 
 
 def _per_class(data, u: torch.Tensor, y: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -63,7 +67,7 @@ def test_a_perfect_sampler_scores_as_the_training_set(splits, net, cache, tmp_pa
     assert abs(m["ours/fid.evaluator"]) < 1e-6 and abs(m["ours/cw/fid.evaluator"]) < 1e-6
     for key in ("precision", "recall", "coverage", "cw/precision", "cw/recall", "cw/coverage"):
         assert m[f"ours/{key}.evaluator"] == 1.0, key
-    train_net, _, _ = load_or_train_evaluator(train, test, cache_dir=cache, **SETTINGS)  # the cached evaluator
+    train_net, _, _ = load_or_train_evaluator(train, test, SETTINGS, cache_dir=cache)  # the cached evaluator
     f, logits = features_and_logits(train_net, train.x)
     assert m["ours/sample_acc"] == pytest.approx((logits.argmax(1) == train.y).double().mean().item(), abs=1e-12)
     tf, _ = features_and_logits(train_net, test.x)
@@ -215,5 +219,43 @@ def test_kid_and_is_are_finite_and_is_bounded_by_the_class_count(splits, net, tm
 def test_cas_of_the_real_training_set_is_the_ceiling_row(splits, net, tmp_path):
     train, _ = splits
     ev = _evaluation(splits, net, {}, tmp_path)
-    m = image_metrics(ev, k=5, with_cas=True, cas_n_iters=150)
+    gin.clear_config()
+    try:
+        gin.parse_config("cas/EvaluatorSettings.n_iters = 150")  # CAS alone
+        m = image_metrics(ev, k=5, with_cas=True)
+    finally:
+        gin.clear_config()
     assert m["real/cas"] > 0.9
+
+
+def test_cas_trains_the_evaluators_network_with_the_experiments_seed(splits, net, tmp_path, monkeypatch):
+    """gin/cifar10.gin binds the evaluator's settings once (width 32, depth 3, ...): CAS trains with the same ones,
+    seeded by the experiment (ev.seed = 3, the evaluator's seed stays 0), and cas/EvaluatorSettings.* changes CAS
+    alone."""
+    from dlsm import components  # noqa: F401
+    from dlsm.config import parse_config
+    from dlsm.eval import images as suite
+
+    seen: list[EvaluatorSettings] = []
+
+    def spy(images, labels, test, settings, *, device):
+        seen.append(settings)
+        return 0.5
+
+    monkeypatch.setattr(suite, "cas", spy)
+    train, _ = splits
+    ev = _evaluation(splits, net, {"ours": _per_class(train, train.x_uint8, train.y)}, tmp_path)
+    files = [str(ROOT / "gin" / "cifar10.gin")]  # nothing trains here: no need for gin/smoke.gin
+    try:
+        parse_config(files, [])
+        evaluator = EvaluatorSettings()
+        assert (evaluator.width, evaluator.depth, evaluator.batch_size, evaluator.n_iters) == (32, 3, 128, 20000)
+        m = image_metrics(ev, k=3, with_cas=True)
+        assert [(s.width, s.depth) for s in seen] == [(32, 3), (32, 3)]  # ours, then the real row
+        assert seen == [replace(evaluator, seed=3)] * 2 and m["ours/cas"] == m["real/cas"] == 0.5
+        seen.clear()
+        parse_config(files, ["cas/EvaluatorSettings.width = 8"])
+        image_metrics(ev, k=3, with_cas=True, real_row=False)
+        assert seen == [replace(evaluator, seed=3, width=8)] and EvaluatorSettings() == evaluator
+    finally:
+        gin.clear_config()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlsm.report import _claims_table1, _figure5_text
+from dlsm.report.moons import _claims_table1, _figure5_text
 
 SIGMAS = ("0.5", "7.5")
 POINTS = ("", "_grid")

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from dlsm.report.digits import (
+from dlsm.report.digits import _sampling_methods
+from dlsm.report.seeds import (
     SeedRuns,
-    _count_sentence,
-    _paired_mechanism,
-    _sampling_methods,
     claim_lines,
+    count_sentence,
     mechanism_rows,
+    paired_mechanism,
     paired_rows,
     table2_rows,
 )
@@ -121,11 +121,11 @@ def test_mechanism_rows_average_classes_then_seeds():
 
 
 def test_mechanism_sentence_counts_the_sigmas_where_total_is_closer():
-    res = _paired_mechanism(_mech_runs(), "ours", "base", "D_L", per_class=True, higher_is_better=False)
+    res = paired_mechanism(_mech_runs(), "ours", "base", "D_L", per_class=True, higher_is_better=False)
     assert [(s, v) for s, v, _ in res] == [("0.1", "agrees"), ("1", "cannot tell at this sample size")]
-    text = _count_sentence(res, "E[D_L]")
+    text = count_sentence(res, "E[D_L]")
     assert "**agrees at some σ**" in text and "better at 1 of 2 σ" in text
-    higher = _paired_mechanism(_mech_runs(), "ours", "base", "D_L", per_class=True, higher_is_better=True)
+    higher = paired_mechanism(_mech_runs(), "ours", "base", "D_L", per_class=True, higher_is_better=True)
     assert higher[0][1] == "does not"
 
 

@@ -3,8 +3,9 @@
 - ``dlsm.eval.prdc``: precision / recall (Kynkaanniemi et al. 2019), density / coverage (Naeem et al. 2020), chunked
   on the device; ``classwise`` for the paper's "(CW)" rows;
 - ``dlsm.eval.fid``: FID, KID, IS through torchmetrics, from features; Inception-v3 features from a local weights file;
-- ``dlsm.eval.evaluator``: the project's own evaluator classifier (features, logits, sample accuracy), cached;
-- ``dlsm.eval.cas``: the classification accuracy score (Ravuri & Vinyals 2019);
+- ``dlsm.eval.evaluator``: the project's own evaluator classifier (features, logits, sample accuracy), cached, trained
+  with one ``EvaluatorSettings`` (its network, ``EvaluatorNet``, in ``dlsm.eval.evaluator_net``);
+- ``dlsm.eval.cas``: the classification accuracy score (Ravuri & Vinyals 2019), with the evaluator's settings;
 - ``dlsm.eval.images``: all of them as the gin-bound suite ``image_metrics`` (Table 2, Figure 4), feature networks
   ``evaluator_network`` / ``inception_network``, features streamed while sampling and cached for the real data.
 
@@ -15,6 +16,8 @@ from dlsm.eval.cas import cas
 from dlsm.eval.evaluator import (
     EVALUATOR_VERSION,
     EvaluatorNet,
+    EvaluatorSettings,
+    evaluator_cache_key,
     evaluator_cache_path,
     features_and_logits,
     load_or_train_evaluator,
@@ -44,10 +47,12 @@ from dlsm.eval.prdc import classwise
 __all__ = [
     "EVALUATOR_VERSION",
     "EvaluatorNet",
+    "EvaluatorSettings",
     "FeatureNet",
     "FeatureStream",
     "cas",
     "classwise",
+    "evaluator_cache_key",
     "evaluator_cache_path",
     "evaluator_network",
     "features_and_logits",

@@ -1,18 +1,18 @@
 """The project's own evaluator: a plain (not noise-conditional) classifier trained on the real training split,
 whose penultimate features and logits stand in for Inception's where Inception cannot be used (digits, offline).
 
-Network (:class:`EvaluatorNet`): the CIFAR ResNet-(6n+2) of He et al. 2016 ("Deep Residual Learning for Image
-Recognition", Sec. 4.2) with widths ``(w, 2w, 4w)`` instead of (16, 32, 64) and projection shortcuts (their
-option B): a 3x3 conv + BatchNorm + ReLU stem, three stages of ``depth`` basic blocks at H, H/2 and H/4 (the
-first block of stages 2 and 3 has stride 2), global average pooling and a linear head::
+Settings (:class:`EvaluatorSettings`): one frozen object holds every training setting, ``seed``, ``n_iters``,
+``batch_size``, ``lr``, ``augment``, ``width`` and ``depth``; it is a gin configurable bound once
+(``EvaluatorSettings.width = 32``), and the CAS protocol (:mod:`dlsm.eval.cas`) trains with the same object, read in
+the gin scope ``cas`` (``cas/EvaluatorSettings.n_iters = ...`` changes CAS alone) and seeded by the experiment.
 
-    features(x) = mean_{h,w} stage3(stage2(stage1(stem(x))))     in R^{4 w}   (after the last ReLU, so >= 0)
-    logits(x)   = W features(x) + b                              in R^{num_classes}
-
-H and W must be divisible by 4. The defaults, ``width=16, depth=1`` (ResNet-8, 78 k parameters, 64 features),
-200 steps of batch 64 at ``lr=2e-3``, reach 0.99 test accuracy on scikit-learn's digits at 8x8 (2 s on one CPU
-core) and at 32x32 (15 s). For CIFAR use a larger net and schedule, e.g. ``width=32, depth=3`` (ResNet-20 at twice
-its width, 1.1 M parameters, 128 features), ``augment=True`` and tens of thousands of steps of batch 128 on a GPU.
+Network (:class:`EvaluatorNet`, in :mod:`dlsm.eval.evaluator_net`): the CIFAR ResNet-(6 depth + 2) of He et al.
+2016 with widths ``(w, 2w, 4w)``; ``features(x)`` is the global average pool of the last stage (``4 w``
+dimensions, >= 0), ``logits(x)`` a linear head on it. H and W must be divisible by 4. The defaults,
+``width=16, depth=1`` (ResNet-8, 78 k parameters, 64 features), 200 steps of batch 64 at ``lr=2e-3``, reach 0.99
+test accuracy on scikit-learn's digits at 8x8 (2 s on one CPU core) and at 32x32 (15 s). For CIFAR use a larger
+net and schedule, e.g. ``width=32, depth=3`` (ResNet-20 at twice its width, 1.1 M parameters, 128 features),
+``augment=True`` and tens of thousands of steps of batch 128 on a GPU.
 
 Training (:func:`train_evaluator`): ``n_iters`` steps of Adam (Kingma & Ba 2015; betas (0.9, 0.999), no weight
 decay) on the cross-entropy, learning rate ``lr`` decayed to 0 by a half cosine (Loshchilov & Hutter 2017, SGDR
@@ -27,8 +27,8 @@ as cuDNN's kernels are deterministic.
 Cache (:func:`load_or_train_evaluator`): ``cache_dir / evaluator-{dataset}-{C}x{H}x{W}-{key16}.pt`` where
 ``key16`` is the first 16 hex digits of the SHA-256 of a JSON dict (:func:`evaluator_cache_key`) of
 :data:`EVALUATOR_VERSION`, the dataset's name, class count, model space, image shape, split sizes, the SHA-256 of
-each split's uint8 pixels and int64 labels, and every training setting including the seed (the device is not a
-setting: the checkpoint records where it was trained). The checkpoint, written atomically by
+each split's uint8 pixels and int64 labels, and every field of the :class:`EvaluatorSettings`, the seed included
+(the device is not a setting: the checkpoint records where it was trained). The checkpoint, written atomically by
 :func:`dlsm.train.checkpoints.save_checkpoint`, holds ``{model, test_accuracy, key, trained_on, train_seconds}``.
 A cache file that cannot be read, or whose stored key differs from the requested one, is a one-line
 :class:`~dlsm.errors.CheckpointError` that says to delete it: a damaged evaluator is never silently replaced,
@@ -47,23 +47,30 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlsm.config import constrain
 from dlsm.data.images import ImageData, random_hflip, to_model_space
 from dlsm.errors import CheckpointError, ConfigError, DataError
-from dlsm.nets.common import check_image_shape, check_input, count_parameters
+from dlsm.eval.evaluator_net import DEFAULT_DEPTH, DEFAULT_WIDTH, EvaluatorNet, random_crop
 from dlsm.train.checkpoints import load_checkpoint, load_into, save_checkpoint
 from dlsm.train.device import make_generator, resolve_device
 
 __all__ = [
+    "DEFAULT_DEPTH",
+    "DEFAULT_WIDTH",
     "EVALUATOR_VERSION",
     "EvaluatorNet",
+    "EvaluatorSettings",
     "evaluator_cache_key",
     "evaluator_cache_path",
     "features_and_logits",
@@ -76,105 +83,68 @@ __all__ = [
 
 EVALUATOR_VERSION = "evaluator-v1"  # bump when the network, the training loop or the key changes
 
-# Training defaults, shared with the CAS protocol (dlsm.eval.cas).
-DEFAULT_WIDTH = 16
-DEFAULT_DEPTH = 1
-DEFAULT_N_ITERS = 200
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_LR = 2e-3
-
 log = logging.getLogger(__name__)
 
 
-class _Block(nn.Module):
-    """He et al. 2016 basic block: ``ReLU(BN(conv(ReLU(BN(conv_s(x))))) + shortcut(x))``, shortcut = 1x1 conv + BN
-    (option B) when the stride or width changes, else the identity."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-class EvaluatorNet(nn.Module):
-    """Plain image classifier for evaluation: CIFAR ResNet-(6 depth + 2) of He et al. 2016 (Sec. 4.2), widths
-    ``(width, 2 width, 4 width)``; ``features(x)`` (B, 4 width) is the global average pool of the last stage and
-    ``forward(x)`` the logits (B, num_classes) = ``head(features(x))``.
+# What each setting must be: EvaluatorSettings.__post_init__ raises with it, and the same test runs on gin bindings
+# at parse time (dlsm.config.constrain), so a bad bound value fails before anything trains.
+_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "seed": ("an integer", _is_int),
+    "n_iters": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "batch_size": ("an integer >= 2 (for BatchNorm)", lambda v: _is_int(v) and v >= 2),
+    "lr": ("a positive number, e.g. 0.002",
+           lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0),
+    "augment": ("True or False", lambda v: isinstance(v, bool)),
+    "width": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "depth": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+}
+
+
+@gin.configurable
+@dataclass(frozen=True)
+class EvaluatorSettings:
+    """Every training setting of the evaluator (protocol in the module docstring), shared by the evaluator network
+    of the metric suite (``evaluator_network``) and the CAS protocol (:func:`dlsm.eval.cas.cas`). Bind it once in
+    gin, ``EvaluatorSettings.width = 32``; ``cas/EvaluatorSettings.<field>`` overrides a field for CAS alone. As any
+    configurable, a field not passed takes its gin binding (``dataclasses.replace`` passes them all).
 
     Args:
-        shape: (C, H, W) of the images, H and W divisible by 4.
-        num_classes: number of classes (>= 2).
-        width: channels of the first stage; the features have ``4 * width`` dimensions.
-        depth: basic blocks per stage (n of ResNet-(6n+2)).
+        seed: initial weights (``torch.manual_seed``), batches and augmentation (``make_generator``).
+        n_iters: Adam steps.
+        batch_size: images per step (>= 2, for BatchNorm), drawn uniformly with replacement.
+        lr: peak learning rate, decayed to 0 by a half cosine.
+        augment: random mirroring and crops (CIFAR; not for digits).
+        width: channels of the network's first stage (features: ``4 * width``).
+        depth: basic blocks per stage (ResNet-(6 depth + 2)).
     """
 
-    def __init__(
-        self, shape: tuple[int, int, int], num_classes: int, *, width: int = DEFAULT_WIDTH, depth: int = DEFAULT_DEPTH
-    ) -> None:
-        super().__init__()
-        name = "EvaluatorNet"
-        for what, v, low in (("num_classes", num_classes, 2), ("width", width, 1), ("depth", depth, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"{name}: {what} must be an integer >= {low}, got {v!r}")
-        self.shape = check_image_shape(name, shape, 2)
-        self.num_classes = num_classes
-        self.feature_dim = 4 * width
-        self.stem = nn.Sequential(
-            nn.Conv2d(self.shape[0], width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        )
-        blocks: list[nn.Module] = []
-        cur = width
-        for stage, w in enumerate((width, 2 * width, 4 * width)):
-            for i in range(depth):
-                blocks.append(_Block(cur, w, 2 if stage > 0 and i == 0 else 1))
-                cur = w
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(self.feature_dim, num_classes)
+    seed: int = 0
+    n_iters: int = 200
+    batch_size: int = 64
+    lr: float = 2e-3
+    augment: bool = False
+    width: int = DEFAULT_WIDTH
+    depth: int = DEFAULT_DEPTH
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features (B, 4 width): global average pool of the last stage's output (after its ReLU)."""
-        check_input("EvaluatorNet", x, self.shape)
-        return self.blocks(self.stem(x)).mean(dim=(2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes) = ``head(features(x))``."""
-        return self.head(self.features(x))
-
-    def num_parameters(self) -> int:
-        """Number of trainable parameters."""
-        return count_parameters(self)
+    def __post_init__(self) -> None:
+        for name, (what, ok) in _RULES.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ConfigError(f"evaluator {name} must be {what}, got {value!r}")
 
 
-def random_crop(u: torch.Tensor, pad: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each image of (N, C, H, W) cropped back to H x W at a random offset from its copy zero-padded by ``pad`` on
-    every side (He et al. 2016's CIFAR augmentation, pad 4). Offsets (dy, dx) are uniform on {0, ..., 2 pad}^2, drawn
-    on ``u.device`` from ``generator`` as one (N, 2) ``randint``; an offset of (pad, pad) returns the image itself."""
-    n, c, h, w = u.shape
-    off = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=u.device)
-    padded = F.pad(u, (pad, pad, pad, pad))
-    rows = (off[:, 0:1] + torch.arange(h, device=u.device))[:, None, :, None]  # (N, 1, H, 1)
-    cols = (off[:, 1:2] + torch.arange(w, device=u.device))[:, None, None, :]  # (N, 1, 1, W)
-    batch = torch.arange(n, device=u.device)[:, None, None, None]
-    chan = torch.arange(c, device=u.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+for _name, (_what, _ok) in _RULES.items():
+    constrain(EvaluatorSettings, _name, lambda v, what=_what, ok=_ok: None if ok(v) else f"must be {what}")
 
 
-def _check_settings(n_iters: int, batch_size: int, lr: float) -> None:
-    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
-        raise ConfigError(f"evaluator n_iters must be an integer >= 1, got {n_iters!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise ConfigError(f"evaluator batch_size must be an integer >= 2 (for BatchNorm), got {batch_size!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"evaluator lr must be a positive number, e.g. {DEFAULT_LR}, got {lr!r}")
+def _check_settings(fn: str, settings: object) -> EvaluatorSettings:
+    if not isinstance(settings, EvaluatorSettings):
+        raise TypeError(f"{fn} takes an EvaluatorSettings, got {type(settings).__name__}")
+    return settings
 
 
 def _check_data(train: ImageData, test: ImageData) -> None:
@@ -219,42 +189,32 @@ test_accuracy.__test__ = False  # not a pytest test, despite its name
 
 
 def train_evaluator(
-    train: ImageData,
-    test: ImageData,
-    *,
-    seed: int = 0,
-    n_iters: int = DEFAULT_N_ITERS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    lr: float = DEFAULT_LR,
-    augment: bool = False,
-    width: int = DEFAULT_WIDTH,
-    depth: int = DEFAULT_DEPTH,
-    device: str | torch.device = "cpu",
+    train: ImageData, test: ImageData, settings: EvaluatorSettings, *, device: str | torch.device = "cpu"
 ) -> tuple[EvaluatorNet, float]:
-    """Train an :class:`EvaluatorNet` from scratch on ``train`` (protocol in the module docstring); returns the net
-    in eval mode on ``device`` and its accuracy on ``test`` (argmax of the logits, eval mode).
+    """Train an :class:`EvaluatorNet` from scratch on ``train`` with ``settings`` (protocol in the module docstring);
+    returns the net in eval mode on ``device`` and its accuracy on ``test`` (argmax of the logits, eval mode).
 
     Per step: ``idx ~ U{0..N-1}^batch_size`` (with replacement), then with ``augment`` the flip coins
     (:func:`dlsm.data.images.random_hflip`) and the crop offsets (:func:`random_crop`), all from
     ``make_generator(seed, device)``; loss = mean cross-entropy; Adam step at
     ``lr_t = lr (1 + cos(pi t / n_iters)) / 2``, t = 0..n_iters-1.
     """
-    _check_settings(n_iters, batch_size, lr)
+    s = _check_settings("train_evaluator", settings)
     _check_data(train, test)
     dev = resolve_device(device)
     data = train.to(dev)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = EvaluatorNet(train.shape, train.num_classes, width=width, depth=depth)
+        torch.manual_seed(s.seed)
+        net = EvaluatorNet(train.shape, train.num_classes, width=s.width, depth=s.depth)
     net.to(dev).train()
-    gen = make_generator(seed, dev)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / n_iters)))
+    gen = make_generator(s.seed, dev)
+    opt = torch.optim.Adam(net.parameters(), lr=s.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / s.n_iters)))
     pad = max(1, train.shape[1] // 8)
-    for _ in range(n_iters):
-        idx = torch.randint(0, len(data), (batch_size,), generator=gen, device=dev)
+    for _ in range(s.n_iters):
+        idx = torch.randint(0, len(data), (s.batch_size,), generator=gen, device=dev)
         u, y = data.x_uint8[idx], data.y[idx]
-        if augment:
+        if s.augment:
             u = random_crop(random_hflip(u, generator=gen), pad, generator=gen)
         loss = F.cross_entropy(net(to_model_space(u, centered=data.centered)), y)
         opt.zero_grad(set_to_none=True)
@@ -272,20 +232,10 @@ def _sha256(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def evaluator_cache_key(
-    train: ImageData,
-    test: ImageData,
-    *,
-    seed: int = 0,
-    n_iters: int = DEFAULT_N_ITERS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    lr: float = DEFAULT_LR,
-    augment: bool = False,
-    width: int = DEFAULT_WIDTH,
-    depth: int = DEFAULT_DEPTH,
-) -> dict:
+def evaluator_cache_key(train: ImageData, test: ImageData, settings: EvaluatorSettings) -> dict:
     """The fields that identify a trained evaluator: version, data identity (name, classes, model space, shape,
-    sizes, SHA-256 of each split's pixels and labels) and every training setting of :func:`train_evaluator`."""
+    sizes, SHA-256 of each split's pixels and labels) and every field of ``settings``."""
+    s = _check_settings("evaluator_cache_key", settings)
     return {
         "version": EVALUATOR_VERSION,
         "dataset": train.name,
@@ -296,13 +246,13 @@ def evaluator_cache_key(
         "test_size": len(test),
         "train_sha256": _sha256(train.x_uint8, train.y),
         "test_sha256": _sha256(test.x_uint8, test.y),
-        "seed": int(seed),
-        "n_iters": int(n_iters),
-        "batch_size": int(batch_size),
-        "lr": float(lr),
-        "augment": bool(augment),
-        "width": int(width),
-        "depth": int(depth),
+        "seed": int(s.seed),
+        "n_iters": int(s.n_iters),
+        "batch_size": int(s.batch_size),
+        "lr": float(s.lr),
+        "augment": bool(s.augment),
+        "width": int(s.width),
+        "depth": int(s.depth),
     }
 
 
@@ -313,37 +263,31 @@ def _path_for(cache_dir: str | Path, key: dict) -> Path:
     return Path(cache_dir) / f"evaluator-{name}-{c}x{h}x{w}-{digest}.pt"
 
 
-def evaluator_cache_path(train: ImageData, test: ImageData, *, cache_dir: str | Path, **settings: object) -> Path:
+def evaluator_cache_path(
+    train: ImageData, test: ImageData, settings: EvaluatorSettings, *, cache_dir: str | Path
+) -> Path:
     """Where :func:`load_or_train_evaluator` keeps the evaluator for these data and settings (nothing is read)."""
-    return _path_for(cache_dir, evaluator_cache_key(train, test, **settings))
+    return _path_for(cache_dir, evaluator_cache_key(train, test, settings))
 
 
 def load_or_train_evaluator(
     train: ImageData,
     test: ImageData,
+    settings: EvaluatorSettings,
     *,
     cache_dir: str | Path,
-    seed: int = 0,
-    n_iters: int = DEFAULT_N_ITERS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    lr: float = DEFAULT_LR,
-    augment: bool = False,
-    width: int = DEFAULT_WIDTH,
-    depth: int = DEFAULT_DEPTH,
     device: str | torch.device = "cpu",
 ) -> tuple[EvaluatorNet, float, Path]:
-    """The evaluator for ``train``/``test`` and these settings: loaded from ``cache_dir`` when it was trained
+    """The evaluator for ``train``/``test`` and ``settings``: loaded from ``cache_dir`` when it was trained
     before, else trained by :func:`train_evaluator` and saved there atomically. Returns (net in eval mode on
     ``device``, its test accuracy, the cache file); the accuracy is logged (``logging``, this module's logger).
 
     A cache file that is unreadable, not an evaluator of these data and settings, or whose weights do not fit the
     network is a one-line CheckpointError (delete the file to retrain).
     """
-    settings = dict(seed=seed, n_iters=n_iters, batch_size=batch_size, lr=lr, augment=augment, width=width,
-                    depth=depth)
-    _check_settings(n_iters, batch_size, lr)
+    s = _check_settings("load_or_train_evaluator", settings)
     _check_data(train, test)
-    key = evaluator_cache_key(train, test, **settings)
+    key = evaluator_cache_key(train, test, s)
     path = _path_for(cache_dir, key)
     what = f"evaluator for {train.name} {'x'.join(map(str, train.shape))}"
     if path.exists():
@@ -355,14 +299,14 @@ def load_or_train_evaluator(
         if state.get("key") != key or not isinstance(state.get("test_accuracy"), float):
             raise CheckpointError(f"evaluator cache {path} holds another evaluator than its name says (other data, "
                                   "settings or version): delete it and the evaluator is trained again")
-        net = EvaluatorNet(train.shape, train.num_classes, width=width, depth=depth)
+        net = EvaluatorNet(train.shape, train.num_classes, width=s.width, depth=s.depth)
         load_into(net, state["model"], path, "evaluator network")
         acc = state["test_accuracy"]
         net.to(resolve_device(device)).eval()
         log.info("%s: loaded from %s, test accuracy %.4f", what, path, acc)
         return net, acc, path
     t0 = time.perf_counter()
-    net, acc = train_evaluator(train, test, device=device, **settings)
+    net, acc = train_evaluator(train, test, s, device=device)
     seconds = time.perf_counter() - t0
     weights = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     save_checkpoint(path, {"model": weights, "test_accuracy": float(acc), "key": key,

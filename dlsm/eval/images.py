@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gin
@@ -35,16 +35,7 @@ from torch import Tensor
 from dlsm.data.images import ImageData, to_model_space
 from dlsm.errors import CheckpointError, ConfigError, DataError
 from dlsm.eval.cas import cas
-from dlsm.eval.evaluator import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_DEPTH,
-    DEFAULT_LR,
-    DEFAULT_N_ITERS,
-    DEFAULT_WIDTH,
-    _sha256,
-    features_and_logits,
-    load_or_train_evaluator,
-)
+from dlsm.eval.evaluator import EvaluatorSettings, _sha256, features_and_logits, load_or_train_evaluator
 from dlsm.eval.fid import fid_from_features, inception_score_from_logits, kid_from_features, load_inception
 from dlsm.eval.prdc import classwise, prdc
 from dlsm.train.checkpoints import load_checkpoint, save_checkpoint
@@ -85,26 +76,20 @@ class FeatureNet:
     info: dict[str, float] = field(default_factory=dict)
 
 
-@gin.configurable(denylist=["train", "test", "device", "cache_dir"])
+@gin.configurable(denylist=["train", "test", "device", "cache_dir", "settings"])
 def evaluator_network(
     train: ImageData,
     test: ImageData,
     *,
     device: torch.device,
     cache_dir: Path,
-    seed: int = 0,
-    n_iters: int = DEFAULT_N_ITERS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    lr: float = DEFAULT_LR,
-    augment: bool = False,
-    width: int = DEFAULT_WIDTH,
-    depth: int = DEFAULT_DEPTH,
+    settings: EvaluatorSettings | None = None,
 ) -> FeatureNet:
-    """The project's evaluator classifier (:mod:`dlsm.eval.evaluator`) trained on ``train``, cached in ``cache_dir``:
-    its penultimate features (FID/KID/P/R/D/C) and logits over the dataset's classes (IS, sample accuracy)."""
-    settings = dict(seed=seed, n_iters=n_iters, batch_size=batch_size, lr=lr, augment=augment, width=width,
-                    depth=depth)
-    net, acc, path = load_or_train_evaluator(train, test, cache_dir=cache_dir, device=device, **settings)
+    """The project's evaluator classifier (:mod:`dlsm.eval.evaluator`) trained on ``train`` with ``settings`` (None:
+    the gin-bound ``EvaluatorSettings()``), cached in ``cache_dir``: its penultimate features (FID/KID/P/R/D/C) and
+    logits over the dataset's classes (IS, sample accuracy)."""
+    settings = EvaluatorSettings() if settings is None else settings
+    net, acc, path = load_or_train_evaluator(train, test, settings, cache_dir=cache_dir, device=device)
     centered = train.centered
 
     def extract(u: Tensor) -> tuple[Tensor, Tensor]:
@@ -273,15 +258,14 @@ def image_metrics(
     k: int = 5,
     kid_subset_size: int = 1000,
     with_cas: bool = True,
-    cas_n_iters: int = DEFAULT_N_ITERS,
-    cas_augment: bool = False,
     real_row: bool = True,
 ) -> dict[str, float]:
     """Table 2 of the DLSM paper for every sampled method of an image experiment (names in the module docstring).
 
     ``k``: nearest neighbours of P/R/D/C (5 as in the paper; the official CIFAR-10 evaluation config uses 3).
     ``kid_subset_size``: KID subset size (capped at the smaller set). IS uses one split, as the official evaluation.
-    CAS: :func:`dlsm.eval.cas.cas` with ``cas_n_iters`` steps (``cas_augment`` for CIFAR), seeded by the experiment.
+    CAS: :func:`dlsm.eval.cas.cas` with the evaluator's settings, ``EvaluatorSettings()`` read in the gin scope
+    ``cas`` (``cas/EvaluatorSettings.n_iters = ...`` changes CAS alone), seeded by the experiment.
     ``real_row``: also score the real test split (row ``real``). Adds ``ev.artifacts``: ``tables/table2.{net}.md``
     and ``plots/figure4.{net}.png`` per feature network, and the per-class numbers as JSON.
     """
@@ -321,13 +305,12 @@ def image_metrics(
                         for m, v in scores.items()})
             per_class_all[net.name][method] = per_class
     if with_cas:
-        device = ev.device
+        with gin.config_scope("cas"):  # the evaluator's bindings, and any cas/EvaluatorSettings.* on top
+            settings = replace(EvaluatorSettings(), seed=ev.seed)
         for method, (u, y) in samples.items():
-            out[f"{method}/cas"] = cas(u, y, test, seed=ev.seed, n_iters=cas_n_iters, augment=cas_augment,
-                                       device=device)
+            out[f"{method}/cas"] = cas(u, y, test, settings, device=ev.device)
         if real_row:
-            out["real/cas"] = cas(data.x_uint8, data.y, test, seed=ev.seed, n_iters=cas_n_iters, augment=cas_augment,
-                                  device=device)
+            out["real/cas"] = cas(data.x_uint8, data.y, test, settings, device=ev.device)
     methods = (["real"] if real_row else []) + list(samples)
     for net in nets:
         ev.artifacts[f"tables/table2.{net.name}.md"] = table2_markdown(out, methods, net.name, k=k)

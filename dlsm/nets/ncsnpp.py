@@ -71,207 +71,39 @@ Remaining differences from score_sde's NCSN++:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import gin
 import torch
 from diffusers.models.attention_processor import Attention
-from diffusers.models.downsampling import FirDownsample2D
 from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
 from torch import nn
-from torch.nn import functional as F
 
 from dlsm.errors import ConfigError
 from dlsm.nets.common import check_groups, check_image_shape, check_input, count_parameters
 from dlsm.nets.mlp import _as_batch
+from dlsm.nets.ncsnpp_blocks import EPS, SQRT2, DownLevel, UpLevel, default_init_, upfirdn2d
 
-__all__ = ["DownLevel", "NCSNpp", "UpLevel", "closest_unet2d_config"]
-
-SQRT2 = math.sqrt(2.0)
-EPS = 1e-6  # GroupNorm eps of score_sde
-FIR_KERNEL = (1, 3, 3, 1)
+__all__ = ["DownLevel", "NCSNpp", "UpLevel", "closest_unet2d_config", "upfirdn2d"]
 
 
-def upfirdn2d(
-    x: torch.Tensor, kernel: torch.Tensor, *, up: int = 1, down: int = 1, pad: tuple[int, int] = (0, 0)
-) -> torch.Tensor:
-    """Upsample by zero insertion, pad, FIR-filter, decimate: score_sde's / StyleGAN2's ``upfirdn2d`` (the maths of
-    diffusers' ``upfirdn2d_native``) for x (B, C, H, W), non-negative pads, as one grouped (depthwise) convolution.
 
-    diffusers' version reshapes to (B*C, 1, H, W), filters at full resolution and then drops samples; on CPU its
-    backward costs about 50x this one (measured, batch 32 x 32 channels at 32x32), which made FIR resampling most of
-    an NCSN++ training step. Same numbers: the tests compare both in float64, values and gradients.
-    """
-    b, c, h, w = x.shape
-    if up > 1:  # x[..., i, j] lands at (up * i, up * j), zeros between
-        x = F.pad(x.reshape(b, c, h, 1, w, 1), (0, up - 1, 0, 0, 0, up - 1)).reshape(b, c, h * up, w * up)
-    x = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
-    weight = torch.flip(kernel, [0, 1]).to(x)[None, None].expand(c, 1, *kernel.shape)
-    return F.conv2d(x, weight, stride=down, groups=c)
-
-
-def _fir_kernel(gain: float) -> torch.Tensor:
-    k = torch.tensor(FIR_KERNEL, dtype=torch.float64)
-    k = torch.outer(k, k)
-    return k / k.sum() * gain
-
-
-def fir_downsample(x: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``downsample_2d(x, kernel=(1, 3, 3, 1))``: FIR [1,3,3,1] (normalised), then every second pixel."""
-    return upfirdn2d(x, _fir_kernel(1.0), down=2, pad=(1, 1))
-
-
-def fir_upsample(x: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``upsample_2d(x, kernel=(1, 3, 3, 1))``: zero insertion x2, then FIR [1,3,3,1] with gain 4."""
-    return upfirdn2d(x, _fir_kernel(4.0), up=2, pad=(2, 1))
-
-
-class FirConvDownsample2D(FirDownsample2D):
-    """diffusers' ``FirDownsample2D(use_conv=True)`` (FIR [1,3,3,1], then the 3x3 conv with stride 2; score_sde's
-    ``Downsample(with_conv=True, fir=True)``) with its FIR step done by :func:`upfirdn2d`. Same parameters and names."""
-
-    def _downsample_2d(self, hidden_states, weight=None, kernel=None, factor=2, gain=1):  # noqa: ANN001, ANN202
-        if not self.use_conv or factor != 2 or tuple(kernel) != FIR_KERNEL:
-            return super()._downsample_2d(hidden_states, weight, kernel, factor, gain)
-        # pad (k - factor) + (conv - 1) = 4 split (2, 2), no decimation; the conv strides
-        filtered = upfirdn2d(hidden_states, _fir_kernel(gain), pad=(2, 2))
-        return F.conv2d(filtered, weight, stride=factor, padding=0)
-
-
-def _resblock(c_in: int, c_out: int, *, temb: int, groups, dropout: float, **kw) -> ResnetBlock2D:
-    """BigGAN block of NCSN++ (``layerspp.ResnetBlockBigGANpp`` with skip_rescale, FIR kernel [1,3,3,1]); its FIR
-    resampling runs through :func:`fir_downsample` / :func:`fir_upsample` (the same maths, faster)."""
-    block = ResnetBlock2D(
-        in_channels=c_in,
-        out_channels=c_out,
-        temb_channels=temb,
-        eps=EPS,
-        groups=groups(c_in),
-        groups_out=groups(c_out),
-        dropout=dropout,
-        non_linearity="silu",
-        output_scale_factor=SQRT2,
-        **kw,
-    )
-    if block.downsample is not None:
-        block.downsample = fir_downsample
-    if block.upsample is not None:
-        block.upsample = fir_upsample
-    return block
-
-
-def _attention(channels: int, *, groups) -> Attention:
-    """Single-head self-attention, residual, 1/sqrt 2 rescaling (``layerspp.AttnBlockpp``), as in the Skip blocks."""
-    return Attention(
-        channels,
-        heads=1,
-        dim_head=channels,
-        rescale_output_factor=SQRT2,
-        eps=EPS,
-        norm_num_groups=groups(channels),
-        residual_connection=True,
-        bias=True,
-        upcast_softmax=True,
-        _from_deprecated_attn_block=True,
-    )
-
-
-class DownLevel(nn.Module):
-    """One encoder level: ``num_res_blocks`` BigGAN blocks (each followed by attention at attention resolutions);
-    then, except at the last level, a FIR-downsampling BigGAN block and the residual input pyramid
-    p <- (FIRConv3x3Down(p) + h) / sqrt 2, h <- p. Every block output is saved for the decoder."""
-
-    def __init__(
-        self,
-        c_in: int,
-        c_out: int,
-        *,
-        pyramid_channels: int,
-        num_res_blocks: int,
-        attention: bool,
-        downsample: bool,
-        temb: int,
-        groups,
-        dropout: float,
-    ) -> None:
-        super().__init__()
-        block = {"temb": temb, "groups": groups, "dropout": dropout}
-        self.resnets = nn.ModuleList(
-            [_resblock(c_in if i == 0 else c_out, c_out, **block) for i in range(num_res_blocks)]
-        )
-        self.attentions = nn.ModuleList(
-            [_attention(c_out, groups=groups) for _ in range(num_res_blocks)] if attention else []
-        )
-        self.resnet_down = (
-            _resblock(c_out, c_out, use_in_shortcut=True, down=True, kernel="fir", **block) if downsample else None
-        )
-        self.pyramid_down = (
-            FirConvDownsample2D(pyramid_channels, c_out, use_conv=True, fir_kernel=FIR_KERNEL) if downsample else None
-        )
-
-    def forward(
-        self, h: torch.Tensor, temb: torch.Tensor, pyramid: torch.Tensor
-    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        saved = []
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, temb)
-            if self.attentions:
-                h = self.attentions[i](h)
-            saved.append(h)
-        if self.resnet_down is not None:
-            h = self.resnet_down(h, temb)
-            pyramid = (self.pyramid_down(pyramid) + h) / SQRT2  # progressive_input='residual', skip_rescale
-            h = pyramid
-            saved.append(h)
-        return h, saved, pyramid
-
-
-class UpLevel(nn.Module):
-    """One decoder level: ``len(skip_channels)`` BigGAN blocks on [h; saved activation], attention once at attention
-    resolutions, then (except at the top level) a FIR-upsampling BigGAN block. No output pyramid ('none')."""
-
-    def __init__(
-        self,
-        c_in: int,
-        c_out: int,
-        *,
-        skip_channels: Sequence[int],
-        attention: bool,
-        upsample: bool,
-        temb: int,
-        groups,
-        dropout: float,
-    ) -> None:
-        super().__init__()
-        block = {"temb": temb, "groups": groups, "dropout": dropout}
-        ins = [c_in] + [c_out] * (len(skip_channels) - 1)
-        self.resnets = nn.ModuleList(
-            [_resblock(a + s, c_out, **block) for a, s in zip(ins, skip_channels, strict=True)]
-        )
-        self.attention = _attention(c_out, groups=groups) if attention else None
-        self.resnet_up = (
-            _resblock(c_out, c_out, use_in_shortcut=True, up=True, kernel="fir", **block) if upsample else None
-        )
-
-    def forward(self, h: torch.Tensor, saved: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            h = resnet(torch.cat([h, saved.pop()], dim=1), temb)
-        if self.attention is not None:
-            h = self.attention(h)
-        if self.resnet_up is not None:
-            h = self.resnet_up(h, temb)
-        return h
-
-
-def _default_init_(layer: nn.Module, scale: float) -> None:
-    """score_sde ``default_init(scale)``: uniform variance scaling, variance scale / fan_avg (1e-10 for scale 0),
-    i.e. Glorot uniform with gain sqrt(scale); zero bias."""
-    nn.init.xavier_uniform_(layer.weight, gain=math.sqrt(scale if scale != 0 else 1e-10))
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
+def _skip_channels(channels: int, widths: Sequence[int], num_res_blocks: int) -> tuple[list[list[int]], set[int]]:
+    """score_sde's ``hs_c`` bookkeeping: the widths each encoder step saves for the decoder, popped per decoder level
+    (``num_res_blocks + 1`` each), and every width a GroupNorm will normalise (the decoder's inputs are concatenations
+    of the current width and a skip)."""
+    saved = [channels]
+    for level, width in enumerate(widths):
+        saved += [width] * num_res_blocks + ([width] if level < len(widths) - 1 else [])
+    norm_widths, skips, cur = {channels, *widths}, list(saved), widths[-1]
+    up_skips = []
+    for width in reversed(widths):
+        up_skips.append([skips.pop() for _ in range(num_res_blocks + 1)])
+        norm_widths |= {a + s for a, s in zip([cur] + [width] * num_res_blocks, up_skips[-1], strict=True)}
+        cur = width
+    return up_skips, norm_widths
 
 
 @gin.configurable
@@ -325,17 +157,7 @@ class NCSNpp(nn.Module):
         if unknown:
             raise ConfigError(f"{name}: attn_resolutions {unknown} are not among the levels' sizes {resolutions}")
 
-        # channel bookkeeping of score_sde's hs_c: what each encoder step saves for the decoder
-        saved, cur = [channels], channels
-        for level, width in enumerate(widths):
-            saved += [width] * num_res_blocks + ([width] if level < len(widths) - 1 else [])
-            cur = width
-        norm_widths, skips, cur = {channels, *widths}, list(saved), widths[-1]
-        up_skips = []
-        for width in reversed(widths):
-            up_skips.append([skips.pop() for _ in range(num_res_blocks + 1)])
-            norm_widths |= {a + s for a, s in zip([cur] + [width] * num_res_blocks, up_skips[-1], strict=True)}
-            cur = width
+        up_skips, norm_widths = _skip_channels(channels, widths, num_res_blocks)
         groups = self._group_rule(name, sorted(norm_widths), norm_groups)
 
         temb = 4 * channels
@@ -343,45 +165,21 @@ class NCSNpp(nn.Module):
         self.time_proj = GaussianFourierProjection(embedding_size=channels, scale=fourier_scale, log=True)
         self.time_embedding = TimestepEmbedding(2 * channels, temb)
         self.conv_in = nn.Conv2d(c, channels, 3, padding=1)
+        attention = [r in attn_resolutions for r in resolutions]
         self.down_blocks = nn.ModuleList()
         cur, pyramid = channels, c
         for level, width in enumerate(widths):
             last = level == len(widths) - 1
-            self.down_blocks.append(
-                DownLevel(
-                    cur,
-                    width,
-                    pyramid_channels=pyramid,
-                    num_res_blocks=num_res_blocks,
-                    attention=resolutions[level] in attn_resolutions,
-                    downsample=not last,
-                    **block,
-                )
-            )
+            self.down_blocks.append(DownLevel(cur, width, pyramid_channels=pyramid, num_res_blocks=num_res_blocks,
+                                              attention=attention[level], downsample=not last, **block))
             cur, pyramid = width, (pyramid if last else width)
-        self.mid_block = UNetMidBlock2D(
-            cur,
-            temb,
-            dropout=dropout,
-            resnet_eps=EPS,
-            resnet_act_fn="silu",
-            resnet_groups=groups(cur),
-            attn_groups=groups(cur),
-            attention_head_dim=cur,
-            output_scale_factor=SQRT2,
-        )
+        self.mid_block = UNetMidBlock2D(cur, temb, dropout=dropout, resnet_eps=EPS, resnet_act_fn="silu",
+                                        resnet_groups=groups(cur), attn_groups=groups(cur), attention_head_dim=cur,
+                                        output_scale_factor=SQRT2)
         self.up_blocks = nn.ModuleList()
         for i, level in enumerate(reversed(range(len(widths)))):
-            self.up_blocks.append(
-                UpLevel(
-                    cur,
-                    widths[level],
-                    skip_channels=up_skips[i],
-                    attention=resolutions[level] in attn_resolutions,
-                    upsample=level > 0,
-                    **block,
-                )
-            )
+            self.up_blocks.append(UpLevel(cur, widths[level], skip_channels=up_skips[i], attention=attention[level],
+                                          upsample=level > 0, **block))
             cur = widths[level]
         self.conv_norm_out = nn.GroupNorm(groups(cur), cur, eps=EPS)
         self.conv_out = nn.Conv2d(cur, c, 3, padding=1)
@@ -408,15 +206,15 @@ class NCSNpp(nn.Module):
         block, the attention output and the head. GroupNorms: weight 1, bias 0 (PyTorch's default)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.Linear):
-                _default_init_(m, 1.0)
+                default_init_(m, 1.0)
         for m in self.modules():
             if isinstance(m, ResnetBlock2D):
-                _default_init_(m.conv2, init_scale)
+                default_init_(m.conv2, init_scale)
             elif isinstance(m, Attention):
                 for layer in (m.to_q, m.to_k, m.to_v):
-                    _default_init_(layer, 0.1)
-                _default_init_(m.to_out[0], init_scale)
-        _default_init_(self.conv_out, init_scale)
+                    default_init_(layer, 0.1)
+                default_init_(m.to_out[0], init_scale)
+        default_init_(self.conv_out, init_scale)
 
     def body(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """F(x, log sigma) for x of shape (B, C, H, W) and sigma of shape (B,) (the embedding takes the log)."""

@@ -39,6 +39,112 @@ def _format_value(v: str) -> object:
         return v
 
 
+def _check_values(gin_files: Sequence[str], gin_params: Sequence[str], param: str,
+                  values: Sequence[str]) -> tuple[list[object], SweepSettings, object]:
+    """Parse the config once per swept value with every check on (types, ranges, ``experiment()``, ``sweep()``),
+    before anything trains; returns the parsed values and the first value's sweep settings and experiment spec."""
+    import re
+
+    from dlsm.config import call_configurable, parse_config
+    from dlsm.experiment import experiment
+
+    parsed = [_format_value(v) for v in values]
+    again = [raw for i, (raw, v) in enumerate(zip(values, parsed, strict=True)) if v in parsed[:i]]
+    if again:
+        raise ConfigError(f"--values: {again[0]} is given twice; each value is one trial")
+    parse_config(list(gin_files), list(gin_params), check=False)  # the files and bindings themselves
+    labels = [f"--gin_param {b!r}" for b in gin_params]
+    for raw, v in reversed(list(zip(values, parsed, strict=True))):  # the first value is parsed last, and kept
+        try:
+            parse_config(list(gin_files), [*gin_params, binding(param, v)],
+                         labels=[*labels, f"--param {param} --values {raw}"])
+            settings = call_configurable(sweep)
+            spec = call_configurable(experiment)
+        except ConfigError as err:
+            about_value = re.search(rf"(?<![\w/.%]){re.escape(param)}(?!\w)", str(err))
+            if str(err).startswith("--param") or not about_value:
+                raise
+            raise ConfigError(f"--values {raw}: {err}") from None
+    return parsed, settings, spec
+
+
+def _check_before_training(spec, settings: SweepSettings, sweep_name: str, *, address: str | None,
+                           resume: bool) -> None:
+    """What fails in one line before stage 1 trains: the MLflow store, the workdir, reused run ids, ``--resume``
+    without an interrupted sweep, and the Ray cluster or its token."""
+    from dlsm.experiment import check_workdir
+    from dlsm.tracking import Tracker, check_tracking_uri, default_tracking_uri
+
+    check_tracking_uri()
+    check_workdir(spec.workdir)
+    for key, source in (("experiment.stage1_run_id", spec.stage1_run_id),
+                        ("experiment.stage2_run_id", spec.stage2_run_id)):
+        if source:
+            Tracker(spec.name).check_source_run(source, key)
+    if resume and _unfinished_sweep(Tracker(spec.name), sweep_name) is None:
+        raise ConfigError(f"--resume: no interrupted sweep {sweep_name} in {default_tracking_uri()}; "
+                          "run without --resume to start it")
+    preflight(address, dashboard=settings.dashboard)
+
+
+def _shared_stages(gin_files: Sequence[str], gin_params: Sequence[str], param: str, first: object, share: str,
+                   fresh: bool, name: str) -> list[str]:
+    """Train the shared stages once in the driver (or reuse a finished run of the same shared config); returns the
+    bindings that point every trial at that run."""
+    from dlsm.config import config_hash, parse_config
+    from dlsm.experiment import experiment, run_experiment
+    from dlsm.tracking import Tracker
+
+    if share == "none":
+        return []
+    gin.clear_config()
+    parse_config(list(gin_files), [*gin_params, binding(param, first), f"experiment.stop_after = '{share}'"])
+    base_id = None if fresh else _finished_run(Tracker(name), config_hash())  # same shared config: reuse it
+    if base_id is None:
+        base_id = run_experiment(experiment(), fresh=fresh, run_name=f"{name}-shared-{share}").run_id
+    else:
+        print(f"dlsm: reusing the shared {share} run {base_id}")
+    shared = [f"experiment.stage1_run_id = '{base_id}'"]
+    return shared + ([f"experiment.stage2_run_id = '{base_id}'"] if share == "stage2" else [])
+
+
+def _tuner(trainable, parsed: list[object], settings: SweepSettings, *, resume: bool, sweep_name: str,
+           storage_path: str):
+    """Ray Tune's Tuner for the grid of values (restored from ``storage_path`` when resuming)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    exp_dir = str(Path(storage_path) / sweep_name)
+    if resume and tune.Tuner.can_restore(exp_dir):
+        return tune.Tuner.restore(exp_dir, trainable, resume_errored=True)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=settings.grace_period)
+                 if settings.scheduler == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable, param_space={"value": tune.grid_search(parsed)},
+        tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, scheduler=scheduler,
+                                    max_concurrent_trials=settings.max_concurrent_trials or None),
+        run_config=tune.RunConfig(name=sweep_name, storage_path=storage_path, verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
+    )
+
+
+def _finish(tracker, out: SweepResult, n_values: int, param: str, settings: SweepSettings) -> None:
+    """Log the results of a finished grid to the sweep's run; an interrupted grid (Tune returns the partial grid on
+    Ctrl-C) is a KeyboardInterrupt."""
+    stopped = [r for r in out.rows if r["status"] == "stopped early"]
+    if len(out.rows) < n_values or (settings.scheduler == "grid" and stopped):
+        print(table_text(out.rows, param, settings.metric))
+        raise KeyboardInterrupt
+    _close_stopped_runs(tracker, [r["run_id"] for r in stopped])
+    ok = [r for r in out.rows if r["status"] == "ok" and math.isfinite(r["metric"])]
+    if ok:
+        tracker.log_figure(metric_plot(ok, param, settings.metric), "plots/metric_vs_value.png")
+        best = ok[0]
+        tracker.log_metrics({f"best/{settings.metric}": best["metric"], "best/value": float(best["value"])
+                             if isinstance(best["value"], (int, float)) else math.nan})
+    tracker.log_text(table_text(out.rows, param, settings.metric), "results.md")
+
+
 def run_sweep(
     gin_files: Sequence[str],
     gin_params: Sequence[str],
@@ -56,62 +162,21 @@ def run_sweep(
         raise ConfigError(f"--share must be one of {SHARE}, got {share!r}")
     if not values:
         raise ConfigError("give at least one value to sweep (--values)")
-    import re
-
     from dlsm import components  # noqa: F401
-    from dlsm.config import call_configurable, config_hash, parse_config
-    from dlsm.experiment import check_workdir, experiment, run_experiment
-    from dlsm.tracking import Tracker, check_tracking_uri, default_tracking_uri
+    from dlsm.tracking import Tracker, default_tracking_uri
 
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    parsed = [_format_value(v) for v in values]
-    # -- every swept value is checked (types, ranges, experiment(), sweep()) before anything trains --
-    again = [raw for i, (raw, v) in enumerate(zip(values, parsed, strict=True)) if v in parsed[:i]]
-    if again:
-        raise ConfigError(f"--values: {again[0]} is given twice; each value is one trial")
-    parse_config(list(gin_files), list(gin_params), check=False)  # the files and bindings themselves
-    labels = [f"--gin_param {b!r}" for b in gin_params]
-    for raw, v in reversed(list(zip(values, parsed, strict=True))):  # the first value is parsed last, and kept
-        try:
-            parse_config(list(gin_files), [*gin_params, binding(param, v)],
-                         labels=[*labels, f"--param {param} --values {raw}"])
-            settings = call_configurable(sweep)
-            spec = call_configurable(experiment)
-        except ConfigError as err:
-            about_value = re.search(rf"(?<![\w/.%]){re.escape(param)}(?!\w)", str(err))
-            if str(err).startswith("--param") or not about_value:
-                raise
-            raise ConfigError(f"--values {raw}: {err}") from None
-    check_tracking_uri()  # an unusable MLflow store fails now, in one line
-    check_workdir(spec.workdir)
-    for key, source in (("experiment.stage1_run_id", spec.stage1_run_id),
-                        ("experiment.stage2_run_id", spec.stage2_run_id)):
-        if source:
-            Tracker(spec.name).check_source_run(source, key)
+    parsed, settings, spec = _check_values(gin_files, gin_params, param, values)
+    sweep_name = f"{spec.name}-sweep-{param.replace('/', '_').replace('.', '_')}"
+    _check_before_training(spec, settings, sweep_name, address=address, resume=resume)
     cwd = Path.cwd()
     env = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_TRACKING_URI": default_tracking_uri()}  # for the trials
-    sweep_name = f"{spec.name}-sweep-{param.replace('/', '_').replace('.', '_')}"
-    if resume and _unfinished_sweep(Tracker(spec.name), sweep_name) is None:
-        raise ConfigError(f"--resume: no interrupted sweep {sweep_name} in {default_tracking_uri()}; "
-                          "run without --resume to start it")
-    preflight(address, dashboard=settings.dashboard)  # a bad cluster or token fails now, not after stage 1
 
-    # -- shared stages, trained once in the driver ---------------------------------------------
-    shared: list[str] = []
+    t0 = time.perf_counter()
+    shared = _shared_stages(gin_files, gin_params, param, parsed[0], share, fresh, spec.name)
     if share != "none":
-        gin.clear_config()
-        parse_config(list(gin_files), [*gin_params, binding(param, parsed[0]), f"experiment.stop_after = '{share}'"])
-        t0 = time.perf_counter()
-        base_id = None if fresh else _finished_run(Tracker(spec.name), config_hash())  # same shared config: reuse it
-        if base_id is None:
-            base_id = run_experiment(experiment(), fresh=fresh, run_name=f"{spec.name}-shared-{share}").run_id
-        else:
-            print(f"dlsm: reusing the shared {share} run {base_id}")
         timings["shared_stages_s"] = time.perf_counter() - t0
-        shared.append(f"experiment.stage1_run_id = '{base_id}'")
-        if share == "stage2":
-            shared.append(f"experiment.stage2_run_id = '{base_id}'")
 
     tracker = Tracker(spec.name)
     t0 = time.perf_counter()
@@ -123,7 +188,6 @@ def run_sweep(
 
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     timings["ray_init_s"] = time.perf_counter() - t0
     try:
@@ -132,7 +196,6 @@ def run_sweep(
         if gpus > 0:
             resources["gpu"] = min(settings.gpus_per_trial, gpus)
         storage_path = str((cwd / storage).resolve())
-        exp_dir = Path(storage_path) / sweep_name
 
         with tracker.parent(sweep_name, f"sweep:{sweep_name}", _unfinished_sweep(tracker, sweep_name) if resume
                             else None, kind="sweep") as sweep_run_id:
@@ -146,37 +209,14 @@ def run_sweep(
                 "threads": settings.cpus_per_trial,
             }
             trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
-            space = {"value": tune.grid_search(parsed)}
-            if resume and tune.Tuner.can_restore(str(exp_dir)):
-                tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
-            else:
-                scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=settings.grace_period)
-                             if settings.scheduler == "asha" else FIFOScheduler())
-                tuner = tune.Tuner(
-                    trainable, param_space=space,
-                    tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, scheduler=scheduler,
-                                                max_concurrent_trials=settings.max_concurrent_trials or None),
-                    run_config=tune.RunConfig(name=sweep_name, storage_path=storage_path, verbose=1,
-                                              failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
-                )
+            tuner = _tuner(trainable, parsed, settings, resume=resume, sweep_name=sweep_name,
+                           storage_path=storage_path)
             t0 = time.perf_counter()
             grid = tuner.fit()
             timings["tune_fit_s"] = time.perf_counter() - t0
             out = collect(grid, settings)
             out.run_id = sweep_run_id
-            # Tune catches Ctrl-C itself and returns the partial grid: treat that as an interruption
-            stopped = [r for r in out.rows if r["status"] == "stopped early"]
-            if len(out.rows) < len(parsed) or (settings.scheduler == "grid" and stopped):
-                print(table_text(out.rows, param, settings.metric))
-                raise KeyboardInterrupt
-            _close_stopped_runs(tracker, [r["run_id"] for r in out.rows if r["status"] == "stopped early"])
-            ok = [r for r in out.rows if r["status"] == "ok" and math.isfinite(r["metric"])]
-            if ok:
-                tracker.log_figure(metric_plot(ok, param, settings.metric), "plots/metric_vs_value.png")
-                best = ok[0]
-                tracker.log_metrics({f"best/{settings.metric}": best["metric"], "best/value": float(best["value"])
-                                     if isinstance(best["value"], (int, float)) else math.nan})
-            tracker.log_text(table_text(out.rows, param, settings.metric), "results.md")
+            _finish(tracker, out, len(parsed), param, settings)
             timings["total_s"] = time.perf_counter() - t_start
             out.timings = timings
             tracker.log_metrics({f"time/{k}": v for k, v in timings.items()} | {"failed_trials": out.failed})

@@ -11,19 +11,20 @@ every random number; on the CPU the streams are those of ``torch.Generator().man
 Under torchrun (:mod:`dlsm.train.distributed`) every rank runs this same loop in lockstep: ``train.batch_size`` is the
 global batch, each rank keeps its slice of it, DistributedDataParallel averages the gradients, rank 0 alone logs
 and checkpoints; one process is the world of one, with the same numbers as before.
+
+The setup, the resume from a checkpoint and one training step are in :mod:`dlsm.train.steps`; the periodic work
+between steps (logging, ``eval_fn``, snapshots, checkpoint writes, the NaN check, deferred Ctrl-C) is here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import gin
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dlsm.data.points import LabelledData
-from dlsm.errors import ConfigError, NonFiniteLossError
+from dlsm.errors import NonFiniteLossError
 from dlsm.math.schedules import NoiseSchedule
 from dlsm.train import distributed as dist
 from dlsm.train.checkpoints import (  # noqa: F401  (re-exported: the trainer's checkpoint API)
@@ -42,7 +43,17 @@ from dlsm.train.checkpoints import (  # noqa: F401  (re-exported: the trainer's 
     restore_generator,
     save_checkpoint,
 )
-from dlsm.train.device import make_generator, resolve_device
+from dlsm.train.steps import (
+    LogFn,
+    LossFn,
+    SnapshotFn,
+    _Args,
+    _LoopState,
+    _sigma_sampler,
+    _start,
+    _train_step,
+    warmup_factor,
+)
 
 __all__ = [
     "TrainResult",
@@ -54,39 +65,9 @@ __all__ = [
     "warmup_factor",
 ]
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-LogFn = Callable[[dict[str, float], int], None]
-SnapshotFn = Callable[[nn.Module, int], None]
-
 gin.external_configurable(torch.optim.Adam, module="torch.optim")
 gin.external_configurable(torch.optim.AdamW, module="torch.optim")
 gin.external_configurable(torch.optim.SGD, module="torch.optim")
-
-
-_SIGMA_DISTRIBUTIONS = ("log_uniform", "discrete")
-
-
-def _sigma_sampler(
-    schedule: NoiseSchedule, distribution: str, device: torch.device
-) -> Callable[[int, torch.Generator | None], torch.Tensor]:
-    """``draw(n, generator)`` for :func:`draw_sigmas`, with the schedule's numbers read or copied to ``device`` once."""
-    if distribution == "log_uniform":
-        lo, hi = math.log(schedule.sigma_min), math.log(schedule.sigma_max)
-
-        def draw(n: int, generator: torch.Generator | None) -> torch.Tensor:
-            # dlsm.math.schedules.log_uniform_sigmas' formula, with u drawn on ``device``
-            u = torch.rand(n, generator=generator, device=device)
-            return torch.exp(lo + u * (hi - lo))
-
-        return draw
-    if distribution == "discrete":
-        levels = schedule.sigmas.to(device)
-
-        def draw(n: int, generator: torch.Generator | None) -> torch.Tensor:
-            return levels[torch.randint(0, len(levels), (n,), generator=generator, device=device)]
-
-        return draw
-    raise ConfigError(f"train.sigma_distribution must be 'log_uniform' or 'discrete', got {distribution!r}")
 
 
 def draw_sigmas(
@@ -118,56 +99,7 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_count(name: str, value: object, off: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"train.{name} must be a non-negative integer (0 = {off}), got {value!r}")
-    return value
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"train.{name} must be True or False, got {value!r}")
-    return value
-
-
-def warmup_factor(step: int, warmup: int) -> float:
-    """Linear learning-rate warm-up: the update with 0-based index ``step`` uses lr * min(1, (step + 1) / warmup).
-
-    After score_sde's ``losses.optimization_manager`` (Song et al., 2021), which sets
-    ``lr * np.minimum(step / warmup, 1.0)`` with step counted from 0, so that its first update has lr = 0;
-    here the first update has lr / warmup and the full lr is reached at step ``warmup - 1`` (one step earlier).
-    ``warmup = 0`` means no warm-up (factor 1).
-    """
-    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
-
-
-def _compile(model: nn.Module) -> nn.Module:
-    """``torch.compile(model)``: shares the parameters; only the loss calls it (checkpoints, EMA and eval_fn use
-    ``model`` itself)."""
-    try:
-        return torch.compile(model)
-    except Exception as err:  # e.g. an unsupported Python version
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ConfigError(f"train.compile = True but torch.compile is unusable here ({type(err).__name__}: "
-                          f"{first}); set train.compile = False") from None
-
-
 DOUBLE_PRESS_S = 1.0  # under torchrun, a second SIGINT sooner than this after the first is the same Ctrl-C
-
-
-def _double_backward_error(err: RuntimeError, compiled: bool, stage: str) -> None:
-    """A one-line ConfigError for DLSM' / Total under ``train.compile``: their loss differentiates the classifier's
-    input gradient again (create_graph=True), and torch.compile's AOTAutograd has no double backward."""
-    if compiled and "double backward" in str(err):
-        raise ConfigError(f"{stage}: train.compile = True cannot train a loss that differentiates the network's input "
-                          "gradient (DLSM', Total): torch.compile does not support double backward; set "
-                          "classifier/train.compile = False (the score model's scope may keep it)") from None
 
 
 @contextlib.contextmanager
@@ -268,183 +200,115 @@ def train(
     ``log_fn`` (the logged loss is the mean over ranks) and shows the progress bar; every rank resumes from the
     checkpoint rank 0 wrote. A NaN loss or a Ctrl-C on any rank stops every rank after the same step.
     """
-    n_iters = _check_positive_int("n_iters", n_iters)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    ckpt_every = _check_positive_int("ckpt_every", ckpt_every)
-    log_every = _check_positive_int("log_every", log_every)
-    eval_every = _check_positive_int("eval_every", eval_every)
-    warmup = _check_count("warmup", warmup, "no warm-up")
-    snapshot_every = _check_count("snapshot_every", snapshot_every, "no snapshots")
-    autocast, compile, flip, channels_last = (
-        _check_bool(k, v) for k, v in (("autocast", autocast), ("compile", compile), ("flip", flip),
-                                       ("channels_last", channels_last)))
-    if sigma_distribution not in _SIGMA_DISTRIBUTIONS:
-        raise ConfigError(f"train.sigma_distribution must be 'log_uniform' or 'discrete', got {sigma_distribution!r}")
-    if not 0.0 <= ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay must be in [0, 1), got {ema_decay!r}")
-    dev = resolve_device(device)
+    return _run(_Args(model=model, loss_fn=loss_fn, data=data, schedule=schedule, ckpt_path=ckpt_path, seed=seed,
+                      stage=stage, n_iters=n_iters, batch_size=batch_size, optimizer=optimizer, ema_decay=ema_decay,
+                      grad_clip=grad_clip, sigma_distribution=sigma_distribution, ckpt_every=ckpt_every,
+                      log_every=log_every, log_fn=log_fn, eval_fn=eval_fn, eval_every=eval_every,
+                      disable_progress=disable_progress, device=device, warmup=warmup, autocast=autocast,
+                      compile=compile, flip=flip, channels_last=channels_last, snapshot_every=snapshot_every,
+                      snapshot_fn=snapshot_fn))
 
-    batched = callable(getattr(data, "batch", None))
-    if batched:
-        if data.device != dev:
-            data = data.to(dev)
-        if flip:  # a dataset that cannot flip says so now, not at the first step; draws nothing from the stream
-            data.batch(torch.zeros(0, dtype=torch.long, device=dev), flip=True, generator=torch.Generator(dev))
-        n_data = len(data)
-    else:
-        if flip:
-            raise ConfigError(f"train.flip = True but the {stage} data ({type(data).__name__}) have no batch(idx, "
-                              "flip=...) method to mirror images with; set train.flip = False")
-        x_all, y_all = data.x.to(dev), data.y.to(dev)
-        n_data = x_all.shape[0]
-    if batch_size > n_data:
-        raise ConfigError(f"{stage}: train.batch_size = {batch_size} is larger than the data ({n_data} examples); "
-                          "lower the batch size in this stage's scope")
-    mine = dist.shard(batch_size, f"{stage}: train.batch_size")
-    model.to(dev)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)  # 4-D weights only; other parameters are unchanged
-    if dist.rank():
-        torch.manual_seed(dist.rank_seed(seed))
-    draw_sigma = _sigma_sampler(schedule, sigma_distribution, dev)
 
-    ckpt_path = Path(ckpt_path)
-    opt = optimizer(model.parameters())
-    base_lrs = [float(g["lr"]) for g in opt.param_groups]
-    ema = ema_model(model, ema_decay)
-    gen = make_generator(seed, dev)
-    step = 0
-    if dist.share(ckpt_path.exists()):  # rank 0's answer: every rank loads the file it wrote
-        state = load_checkpoint(ckpt_path)
-        load_into(model, state["model"], ckpt_path, f"{stage} model")
-        load_into(ema, state["ema"], ckpt_path, f"{stage} EMA model")
-        opt.load_state_dict(state["optimizer"])
-        restore_generator(gen, state, ckpt_path)
-        step = int(state["step"])
-        # checkpoints from before train.warmup hold no base rates: their optimizer's rates are the base rates
-        base_lrs = list(state.get("base_lrs") or [float(g["lr"]) for g in opt.param_groups])
-    ddp = dist.wrap(model)  # the model itself for one process
-    net = _compile(ddp) if compile else ddp
-
-    def checkpoint() -> None:
-        if not dist.is_main():
-            return
-        save_checkpoint(
-            ckpt_path,
-            {
-                "step": step,
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(),
-                "generator": gen.get_state(),
-                "device": dev.type,
-                "base_lrs": base_lrs,
-                "warmup": warmup,
-            },
-        )
-
-    losses: list[tuple[int, float]] = []
-    running, count = torch.zeros((), device=dev), 0
-    bad = torch.zeros((), dtype=torch.bool, device=dev)
-    def evaluate() -> None:
-        if eval_fn is None or not dist.is_main():
-            return
-        model.eval()
-        metrics = eval_fn(model)
-        model.train()
-        if log_fn is not None:
-            log_fn(metrics, step)
-
-    def snapshot() -> None:
-        module = ema.module
-        was_training = module.training
-        module.eval()
-        snapshot_fn(module, step)
-        module.train(was_training)
-
-    def compute_loss(x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        amp = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        try:
-            with amp:
-                per_example = loss_fn(net, x, y, sigma, noise)
-        except torch._dynamo.exc.TorchDynamoException as err:
-            if not compile:
-                raise
-            first = (str(err).strip().splitlines() or [""])[0]
-            raise ConfigError(f"train.compile = True but torch.compile failed on the {stage} model on {dev} "
-                              f"({type(err).__name__}: {first}); set train.compile = False") from None
-        except RuntimeError as err:
-            _double_backward_error(err, compile, stage)
-            raise
-        return per_example.float().mean() if autocast else per_example.mean()
-
-    model.train()
-    if step == 0:
-        evaluate()
-    bar = tqdm(total=n_iters, initial=step, desc=stage, disable=disable_progress if dist.is_main() else True,
+def _run(a: _Args) -> TrainResult:
+    """The body of :func:`train`: set up or resume, evaluate at step 0, then step until ``a.n_iters`` with the
+    periodic work after each step; Ctrl-C is deferred to the end of a step."""
+    batches, s = _start(a)
+    s.model.train()
+    if s.step == 0:
+        _evaluate(a, s)
+    bar = tqdm(total=a.n_iters, initial=s.step, desc=a.stage, disable=a.disable_progress if dist.is_main() else True,
                leave=False)
     with deferred_interrupt() as interrupted:
-        while step < n_iters:
-            idx = torch.randint(0, n_data, (batch_size,), generator=gen, device=dev)
-            x, y = data.batch(idx, flip=flip, generator=gen) if batched else (x_all[idx], y_all[idx])
-            if channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            sigma = draw_sigma(batch_size, gen)
-            noise = torch.randn(x.shape, generator=gen, device=dev)
-            loss = compute_loss(x[mine], y[mine], sigma[mine], noise[mine])  # one process: the whole batch
-            opt.zero_grad(set_to_none=True)
-            try:
-                loss.backward()
-            except RuntimeError as err:
-                _double_backward_error(err, compile, stage)
-                raise
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            bad |= ~torch.isfinite(loss.detach())
-            if warmup:
-                factor = warmup_factor(step, warmup)
-                for group, base in zip(opt.param_groups, base_lrs, strict=True):
-                    group["lr"] = base * factor
-            opt.step()
-            ema.update_parameters(model)
-            running += loss.detach()
-            count += 1
-            step += 1
+        while s.step < a.n_iters:
+            _train_step(a, s, batches)
             bar.update(1)
-            at_log, at_ckpt = step % log_every == 0 or step == n_iters, step % ckpt_every == 0 or step == n_iters
-            if at_log or at_ckpt:
-                if dist.any_rank(bad):
-                    bar.close()
-                    last = (step - 1) // ckpt_every * ckpt_every
-                    kept = (
-                        f"last good checkpoint (step {last}) kept at {ckpt_path}"
-                        if ckpt_path.exists()
-                        else "no checkpoint was written"
-                    )
-                    raise NonFiniteLossError(
-                        f"{stage}: the loss became NaN or Inf by step {step}; {kept}; "
-                        "lower the learning rate or set train.grad_clip"
-                    )
-            if at_log:
-                mean = float(dist.mean(running)) / count
-                running.zero_()
-                count = 0
-                losses.append((step, mean))
-                bar.set_postfix(loss=f"{mean:.4g}")
-                if log_fn is not None and dist.is_main():
-                    log_fn({f"{stage}/loss": mean}, step)
-            if at_ckpt:
-                checkpoint()
-            if step % eval_every == 0 or step == n_iters:
-                evaluate()
-            if snapshot_fn is not None and snapshot_every and step % snapshot_every == 0 and dist.is_main():
-                snapshot()
-            if dist.any_rank(interrupted()):  # keep this step's work; stop where MLflow can be closed cleanly
-                bar.close()
-                if not dist.any_rank(bad):
-                    checkpoint()
-                raise KeyboardInterrupt
+            _after_step(a, s, bar, interrupted)
     bar.close()
-    model.eval()
-    ema.module.eval()
-    return TrainResult(model=model, ema=ema.module, step=step, losses=losses)
+    s.model.eval()
+    s.ema.module.eval()
+    return TrainResult(model=s.model, ema=s.ema.module, step=s.step, losses=s.losses)
+
+
+def _after_step(a: _Args, s: _LoopState, bar: tqdm, interrupted: Callable[[], bool]) -> None:
+    """The periodic work after step ``s.step``: the NaN check (at log and checkpoint steps), the logged loss, the
+    checkpoint, ``eval_fn``, ``snapshot_fn``, and a Ctrl-C that came during the step. Every rank calls this in
+    lockstep: ``dist.any_rank`` and ``dist.mean`` are collectives."""
+    at_log = s.step % a.log_every == 0 or s.step == a.n_iters
+    at_ckpt = s.step % a.ckpt_every == 0 or s.step == a.n_iters
+    if at_log or at_ckpt:
+        if dist.any_rank(s.bad):
+            bar.close()
+            last = (s.step - 1) // a.ckpt_every * a.ckpt_every
+            kept = (
+                f"last good checkpoint (step {last}) kept at {s.ckpt_path}"
+                if s.ckpt_path.exists()
+                else "no checkpoint was written"
+            )
+            raise NonFiniteLossError(
+                f"{a.stage}: the loss became NaN or Inf by step {s.step}; {kept}; "
+                "lower the learning rate or set train.grad_clip"
+            )
+    if at_log:
+        _log_loss(a, s, bar)
+    if at_ckpt:
+        _checkpoint(a, s)
+    if s.step % a.eval_every == 0 or s.step == a.n_iters:
+        _evaluate(a, s)
+    if a.snapshot_fn is not None and a.snapshot_every and s.step % a.snapshot_every == 0 and dist.is_main():
+        _snapshot(a, s)
+    if dist.any_rank(interrupted()):  # keep this step's work; stop where MLflow can be closed cleanly
+        bar.close()
+        if not dist.any_rank(s.bad):
+            _checkpoint(a, s)
+        raise KeyboardInterrupt
+
+
+def _log_loss(a: _Args, s: _LoopState, bar: tqdm) -> None:
+    """The mean loss since the last log (over steps and ranks) into ``s.losses``, the progress bar and ``log_fn``."""
+    mean = float(dist.mean(s.running)) / s.count
+    s.running.zero_()
+    s.count = 0
+    s.losses.append((s.step, mean))
+    bar.set_postfix(loss=f"{mean:.4g}")
+    if a.log_fn is not None and dist.is_main():
+        a.log_fn({f"{a.stage}/loss": mean}, s.step)
+
+
+def _checkpoint(a: _Args, s: _LoopState) -> None:
+    """Rank 0 writes the resumable state; ``save_checkpoint`` is looked up in this module when called (the
+    distributed tests count the writes by replacing ``dlsm.train.loop.save_checkpoint``)."""
+    if not dist.is_main():
+        return
+    save_checkpoint(
+        s.ckpt_path,
+        {
+            "step": s.step,
+            "model": s.model.state_dict(),
+            "ema": s.ema.state_dict(),
+            "optimizer": s.opt.state_dict(),
+            "generator": s.gen.get_state(),
+            "device": a.dev.type,
+            "base_lrs": s.base_lrs,
+            "warmup": a.warmup,
+        },
+    )
+
+
+def _evaluate(a: _Args, s: _LoopState) -> None:
+    """``eval_fn`` on rank 0, on the weights being trained in eval mode; its metrics go to ``log_fn`` at this step."""
+    if a.eval_fn is None or not dist.is_main():
+        return
+    s.model.eval()
+    metrics = a.eval_fn(s.model)
+    s.model.train()
+    if a.log_fn is not None:
+        a.log_fn(metrics, s.step)
+
+
+def _snapshot(a: _Args, s: _LoopState) -> None:
+    """``snapshot_fn`` on the EMA module in eval mode, which is then put back in the mode it was in."""
+    module = s.ema.module
+    was_training = module.training
+    module.eval()
+    a.snapshot_fn(module, s.step)
+    module.train(was_training)
