@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--gin_param", action="append", default=[])
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from dlsm.sweep import run_sweep
+    from dlsm.sweep.driver import run_sweep
 
     os.environ["TQDM_DISABLE"] = "1"
     with tempfile.TemporaryDirectory(prefix="dlsm-bench-") as cwd:

@@ -1,6 +1,6 @@
 """Bad input of every kind prints exactly one line (``dlsm: error: ...``) and exits non-zero, before
 anything trains and (for sweeps) before Ray starts. Parse-time cases run ``dlsm.launch.main`` and
-``dlsm.sweep.main`` in this process; MLflow-store cases run ``python -m dlsm.launch`` and must fail fast."""
+``dlsm.sweep.driver.main`` in this process; MLflow-store cases run ``python -m dlsm.launch`` and must fail fast."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dlsm.sweep import class_mean
+from dlsm.sweep.results import class_mean
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -101,7 +101,7 @@ def test_bad_sweep_setting_is_one_line(tmp_path):
     ("sweep.py", None, None, "stage1"),
 ])
 def test_scripts_help_states_their_defaults(script, param, values, share):
-    """Each script's --help names the defaults it really uses (its own call of ``dlsm.sweep.main``)."""
+    """Each script's --help names the defaults it really uses (its own call of ``dlsm.sweep.driver.main``)."""
     proc = subprocess.run([sys.executable, str(ROOT / "tune" / script), "--help"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "400"}, timeout=60)
     assert proc.returncode == 0, proc.stderr

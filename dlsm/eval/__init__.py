@@ -1,4 +1,6 @@
-"""Metrics of image samples, as the DLSM paper's Table 2 uses them (each a plain function of features and labels):
+"""Evaluation. Point sets (moons): ``dlsm.eval.points``, the score errors against the Parzen oracle, classifier and
+sample metrics as gin suites. Image samples, as the DLSM paper's Table 2 uses them (each a plain function of features
+and labels):
 
 - ``dlsm.eval.prdc``: precision / recall (Kynkaanniemi et al. 2019), density / coverage (Naeem et al. 2020), chunked
   on the device; ``classwise`` for the paper's "(CW)" rows;
