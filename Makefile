@@ -42,11 +42,8 @@ reproduce-digits: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# the suite on both cores (pytest-xdist): a file's tests on one worker, the Ray tests on one worker (tests/conftest.py);
-# TEST_WORKERS=0 runs it in this process alone
-TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+	$(PY) -m pytest -q
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000

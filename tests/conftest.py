@@ -49,17 +49,3 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     return attempts
-
-
-RAY_GROUP = "ray"  # every test that starts Ray: one Ray at a time on a 2-core machine
-RAY_FILES = ("test_ray_local.py", "test_sweep.py")
-RAY_TESTS = ("test_tiny_frontier_sweep_and_the_report_on_it",)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) each file's tests run on one worker, so a
-    module fixture (a launched experiment) runs once, and every test that starts Ray runs on the same worker, one
-    after another. Without xdist the marks do nothing."""
-    for item in items:
-        ray = item.path.name in RAY_FILES or item.originalname in RAY_TESTS
-        item.add_marker(pytest.mark.xdist_group(RAY_GROUP if ray else item.path.name))
