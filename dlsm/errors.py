@@ -28,6 +28,12 @@ class TrackingError(DlsmError):
     """The MLflow tracking store (``MLFLOW_TRACKING_URI``) cannot be reached, created or written."""
 
 
+class LockedError(DlsmError):
+    """Another process holds what this one needs alone (the experiment's checkpoint folder)."""
+
+    exit_code = 4
+
+
 class NonFiniteLossError(DlsmError):
     """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
 

@@ -12,6 +12,7 @@ command resumes where it stopped; finished stages are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from torch import nn
 from dlsm import config as cfg
 from dlsm import stages as st
 from dlsm.errors import ConfigError
+from dlsm.locks import exclusive
 from dlsm.math.losses import ce_loss, dsm_loss, total_loss
 from dlsm.math.samplers import annealed_langevin
 from dlsm.math.schedules import noise_schedule
@@ -165,11 +167,36 @@ def run_experiment(
     evaluation, figures and any other stage run on rank 0 alone while the other ranks return (their metrics are
     only the training timings): sampling is not sped up by more GPUs."""
     chash = cfg.config_hash()
+    with contextlib.ExitStack() as held:  # rank 0 holds the folder's lock for the run; a refusal stops every rank
+        dist.from_main(lambda: held.enter_context(rundir_lock(spec, chash)))
+        return _run(spec, chash, fresh=fresh, parent_run_id=parent_run_id, run_name=run_name, on_metrics=on_metrics)
+
+
+def rundir_lock(spec: ExperimentSpec, chash: str, *, wait: bool = False) -> contextlib.AbstractContextManager:
+    """The exclusive lock on ``<workdir>/<name>/<config hash>/`` (:mod:`dlsm.locks`): a second launch of the same
+    configuration into the same folder stops at once in one line naming the holder; ``wait`` waits instead."""
+    check_workdir(spec.workdir)
+    folder = Path(spec.workdir) / spec.name / chash
+    return exclusive(
+        f"{folder}.lock", what=f"the checkpoint folder {folder}", wait=wait,
+        hint="wait for it to finish, or run a separate copy with --fresh and another experiment.workdir",
+    )
+
+
+def _run(
+    spec: ExperimentSpec,
+    chash: str,
+    *,
+    fresh: bool,
+    parent_run_id: str | None,
+    run_name: str | None,
+    on_metrics: Callable[[str, dict[str, float], int], None] | None,
+) -> ExperimentResult:
+    """:func:`run_experiment`'s body, under the folder's lock."""
     rundir = Path(spec.workdir) / spec.name / chash
     tracker = rank_tracker(spec.name, on_metrics=on_metrics)
 
     def check_sources() -> None:
-        check_workdir(spec.workdir)
         for key, source in (("experiment.stage1_run_id", spec.stage1_run_id),
                             ("experiment.stage2_run_id", spec.stage2_run_id)):
             if source:  # a wrong run id fails now, not after training the stages before it

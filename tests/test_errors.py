@@ -297,7 +297,7 @@ def http_server():
 def test_http_probe_passes_a_live_server_and_fails_fast_otherwise(http_server, monkeypatch):
     import socket
 
-    from dlsm import tracking
+    from dlsm import store, tracking
     from dlsm.errors import TrackingError
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "set")  # messages then name MLFLOW_TRACKING_URI
@@ -313,7 +313,7 @@ def test_http_probe_passes_a_live_server_and_fails_fast_otherwise(http_server, m
     silent = socket.socket()  # accepts connections (backlog) but never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(1)
-    monkeypatch.setattr(tracking, "PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(store, "PROBE_TIMEOUT_S", 0.5)
     t0 = time.perf_counter()
     with pytest.raises(TrackingError, match="did not answer within 0.5 s"):
         tracking.check_tracking_uri(f"http://127.0.0.1:{silent.getsockname()[1]}")

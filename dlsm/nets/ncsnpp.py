@@ -71,22 +71,29 @@ Remaining differences from score_sde's NCSN++:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 
 import gin
 import torch
-from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
 from torch import nn
 
 from dlsm.errors import ConfigError
 from dlsm.nets.common import check_groups, check_image_shape, check_input, count_parameters
 from dlsm.nets.mlp import _as_batch
-from dlsm.nets.ncsnpp_blocks import EPS, SQRT2, DownLevel, UpLevel, default_init_, upfirdn2d
 
-__all__ = ["DownLevel", "NCSNpp", "UpLevel", "closest_unet2d_config", "upfirdn2d"]
+__all__ = ["NCSNpp", "closest_unet2d_config"]  # and, on first use, DownLevel, UpLevel, upfirdn2d
+
+# ``import diffusers`` costs 2.5-4.6 s on these CPUs (it pulls in torch._dynamo): every launch pays it if this module,
+# which gin needs to know ``NCSNpp``, imports it at the top. So diffusers and the blocks built on it are imported
+# when an NCSN++ is built, and ``upfirdn2d`` / ``DownLevel`` / ``UpLevel`` when first asked for (PEP 562).
+_FROM_BLOCKS = ("DownLevel", "UpLevel", "upfirdn2d")
+
+
+def __getattr__(name: str):
+    if name in _FROM_BLOCKS:
+        return getattr(importlib.import_module("dlsm.nets.ncsnpp_blocks"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 
@@ -160,6 +167,11 @@ class NCSNpp(nn.Module):
         up_skips, norm_widths = _skip_channels(channels, widths, num_res_blocks)
         groups = self._group_rule(name, sorted(norm_widths), norm_groups)
 
+        from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding
+        from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
+
+        from dlsm.nets.ncsnpp_blocks import EPS, SQRT2, DownLevel, UpLevel
+
         temb = 4 * channels
         block = {"temb": temb, "groups": groups, "dropout": dropout}
         self.time_proj = GaussianFourierProjection(embedding_size=channels, scale=fourier_scale, log=True)
@@ -204,6 +216,11 @@ class NCSNpp(nn.Module):
         """score_sde's initialisation: ``default_init(1)`` and zero bias for every conv and dense layer,
         ``default_init(0.1)`` for attention q, k, v, ``default_init(init_scale)`` for the last conv of each residual
         block, the attention output and the head. GroupNorms: weight 1, bias 0 (PyTorch's default)."""
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.resnet import ResnetBlock2D
+
+        from dlsm.nets.ncsnpp_blocks import default_init_
+
         for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.Linear):
                 default_init_(m, 1.0)
@@ -254,6 +271,8 @@ def closest_unet2d_config(
     """Keyword arguments of the ``diffusers.UNet2DModel`` closest to :class:`NCSNpp`: the hub NCSN++ layout
     (Skip blocks: progressive input_skip / output_skip, the 256/1024-pixel score_sde configs), fourier embedding of
     log sigma with scale 16 and output divided by sigma. Needs 3 image channels and widths >= 128 with attention."""
+    from dlsm.nets.ncsnpp_blocks import EPS, SQRT2
+
     c, h, w = check_image_shape("closest_unet2d_config", shape, len(channel_mult) - 1)
     resolutions = [min(h, w) // 2**i for i in range(len(channel_mult))]
     down = tuple("AttnSkipDownBlock2D" if r in attn_resolutions else "SkipDownBlock2D" for r in resolutions)

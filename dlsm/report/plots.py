@@ -11,7 +11,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from dlsm.eval.points import Evaluation, grid_points  # noqa: E402
 
@@ -36,6 +35,8 @@ def mean_and_ci(runs: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.n
     mean = runs.mean(axis=0)
     if n < 2:
         return mean, np.zeros_like(mean)
+    from scipy import stats  # 1 s of import: only where an interval is drawn
+
     return mean, stats.t.ppf((1 + level) / 2, n - 1) * runs.std(axis=0, ddof=1) / np.sqrt(n)
 
 

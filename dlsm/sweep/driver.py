@@ -92,18 +92,20 @@ def _shared_stages(gin_files: Sequence[str], gin_params: Sequence[str], param: s
     """Train the shared stages once in the driver (or reuse a finished run of the same shared config); returns the
     bindings that point every trial at that run."""
     from dlsm.config import config_hash, parse_config
-    from dlsm.experiment import experiment, run_experiment
+    from dlsm.experiment import experiment, run_experiment, rundir_lock
     from dlsm.tracking import Tracker
 
     if share == "none":
         return []
     gin.clear_config()
     parse_config(list(gin_files), [*gin_params, binding(param, first), f"experiment.stop_after = '{share}'"])
-    base_id = None if fresh else _finished_run(Tracker(name), config_hash())  # same shared config: reuse it
-    if base_id is None:
-        base_id = run_experiment(experiment(), fresh=fresh, run_name=f"{name}-shared-{share}").run_id
-    else:
-        print(f"dlsm: reusing the shared {share} run {base_id}")
+    spec = experiment()
+    with rundir_lock(spec, config_hash(), wait=True):  # another sweep trains the same shared stages: wait, reuse them
+        base_id = None if fresh else _finished_run(Tracker(name), config_hash())  # same shared config: reuse it
+        if base_id is None:
+            base_id = run_experiment(spec, fresh=fresh, run_name=f"{name}-shared-{share}").run_id
+        else:
+            print(f"dlsm: reusing the shared {share} run {base_id}")
     shared = [f"experiment.stage1_run_id = '{base_id}'"]
     return shared + ([f"experiment.stage2_run_id = '{base_id}'"] if share == "stage2" else [])
 
