@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint ui clean reproduce-moons reproduce-digits
+.PHONY: demo test test-threads lint ui clean reproduce-moons reproduce-digits
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,8 +42,17 @@ reproduce-digits: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# the suite on both cores (pytest-xdist; tests/conftest.py keeps tests that share a fixture, and the Ray tests, on one
+# worker each, and gives every process one thread); TEST_WORKERS=0 runs it in this process alone
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+
+# the numerical tests again with two threads per process: a constant that holds for one reduction order only fails
+NUMERIC_TESTS := tests/test_losses.py tests/test_samplers.py tests/test_schedules.py tests/test_scores.py \
+	tests/test_training.py tests/test_oracle_metrics.py tests/test_eval_metrics.py tests/test_stats.py
+test-threads: $(STAMP)
+	DLSM_TEST_THREADS=2 $(PY) -m pytest -q $(NUMERIC_TESTS)
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000

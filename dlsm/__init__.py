@@ -22,3 +22,4 @@ __version__ = "0.1.0"
 _os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 _os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 _os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars before a one-line error
+_os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no run links per run on a server

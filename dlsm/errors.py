@@ -34,6 +34,13 @@ class LockedError(DlsmError):
     exit_code = 4
 
 
+class DiskFullError(DlsmError):
+    """A checkpoint or sample file could not be written: no space left on the device (ENOSPC) or the disk quota is
+    used up (EDQUOT). The previous file is kept; freeing space and relaunching resumes (:mod:`dlsm.files`)."""
+
+    exit_code = 5
+
+
 class NonFiniteLossError(DlsmError):
     """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
 

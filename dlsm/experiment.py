@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,11 @@ from dlsm.locks import exclusive
 from dlsm.math.losses import ce_loss, dsm_loss, total_loss
 from dlsm.math.samplers import annealed_langevin
 from dlsm.math.schedules import noise_schedule
+from dlsm.preflight import check_before_training, check_networks, check_workdir
 from dlsm.stages.base import (
     ExperimentSpec,
     Run,
     State,
-    build_network,
     check_sampling_methods,
     sampling_alphas_error,
     seed_everything,
@@ -102,39 +101,6 @@ def experiment(
 
 cfg.constrain(experiment, "alpha", cfg.finite_nonnegative)  # checked at parse time, before anything trains
 cfg.constrain(experiment, "sampling_methods", sampling_alphas_error)
-
-
-def check_workdir(workdir: str) -> None:
-    """Fail now, in one line, if ``experiment.workdir`` (checkpoints, samples) cannot be created or written."""
-    path = Path(workdir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path, prefix=".dlsm-write-test-"):
-            pass
-    except OSError as err:
-        reason = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
-        raise ConfigError(f"experiment.workdir = {workdir!r}: cannot create or write this folder ({reason}); "
-                          "bind experiment.workdir to a writable folder") from None
-
-
-def check_networks(spec: ExperimentSpec, data) -> None:
-    """Build every network once (on the CPU, in its gin scope) so that one that does not fit the data
-    fails in one line before anything is written; the stages build their own, from their own seeds."""
-    with gin.config_scope("score"):
-        build_network(spec.score_model, data)
-    with gin.config_scope("classifier"):
-        for make in spec.classifiers.values():
-            build_network(make, data, num_classes=data.num_classes)
-    for scope in ("score", "classifier"):
-        try:
-            batch = gin.query_parameter(f"{scope}/train.batch_size")
-        except ValueError:  # not bound in this scope: train's default
-            continue
-        if isinstance(batch, int) and batch > len(data):
-            raise ConfigError(f"{scope}/train.batch_size = {batch} is larger than the data ({len(data)} examples); "
-                              "lower it")
-        if isinstance(batch, int):  # the global batch must split evenly across torchrun's processes
-            dist.shard(batch, f"{scope}/train.batch_size")
 
 
 def _stops_here(stage: Callable, stop_after: str | None) -> bool:
@@ -207,7 +173,7 @@ def _run(
     seed_everything(spec.seed)
     data = dist.main_first(spec.dataset)  # a missing dataset fails here, before any MLflow run or checkpoint exists
     schedule = noise_schedule(data)  # reads data.x only for 'auto' sigma_max / num_scales
-    check_networks(spec, data)
+    check_before_training(spec, data)  # networks, evaluation settings: dlsm.preflight
     if len(tuple(getattr(data, "shape", ()))) == 3:  # images: Inception weights, if bound, exist (nothing downloads)
         from dlsm.eval.images import preflight
 

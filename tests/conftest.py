@@ -8,6 +8,11 @@ for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY
     os.environ[var] = "http://127.0.0.1:9"  # any stray request fails fast on loopback
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Threads per process, here and in every subprocess a test starts (torch reads OMP_NUM_THREADS): 1 by default, so
+# two pytest-xdist workers fill two cores without oversubscribing them; `make test-threads` runs the numerical tests
+# with another count, so a constant that holds only for one thread count (one reduction order) shows up in CI.
+THREADS = int(os.environ.get("DLSM_TEST_THREADS", "1"))
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
 
 
 import socket  # noqa: E402
@@ -17,10 +22,10 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _one_thread():
+def _threads():
     """The in-process tests use tiny tensors: one intra-op thread is faster, far faster on shared cores."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     yield
     torch.set_num_threads(n)
 
@@ -49,3 +54,23 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     return attempts
+
+
+RAY_GROUP = "ray"  # every test that starts Ray: one Ray at a time on a 2-core machine
+RAY_FILES = ("test_ray_local.py", "test_sweep.py")
+RAY_TESTS = ("test_tiny_frontier_sweep_and_the_report_on_it",)
+SHARED_FIXTURE_FILES = (  # a module fixture (a launched experiment, a trained evaluator) these files' tests share
+    "test_cli.py", "test_digits.py", "test_distributed.py", "test_eval_metrics.py", "test_evaluator.py",
+    "test_image_suite.py", "test_images.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) the tests that share a module fixture run on one
+    worker, so the fixture runs once; every test that starts Ray runs on one worker, one after another; every other
+    test goes wherever a worker is free. Without xdist the marks do nothing."""
+    for item in items:
+        if item.path.name in RAY_FILES or item.originalname in RAY_TESTS:
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+        elif item.path.name in SHARED_FIXTURE_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cifar_archives import make_cifar10, make_cifar100  # tests/, on sys.path
+from budget import FAST_FAIL_S, SMOKE_S, took  # tests/, on sys.path
+from cifar_archives import make_cifar10, make_cifar100
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "gin" / "smoke.gin")
@@ -47,11 +47,10 @@ def test_cifar_file_runs_every_stage_under_smoke(tmp_path, gin_file, classes):
         make_cifar10(data, per_batch=20, n_test=40, balanced=True)  # 100 train images, 10 per class; 4 test
     else:  # 4 per class in both splits: the k-NN metrics (k = 3) need k + 1, the real row uses the test split
         make_cifar100(data, n_train=400, n_test=400, balanced=True)
-    t0 = time.time()
-    proc = launch(tmp_path, gin_file, data, "image_features.networks = [@evaluator_network]")  # no Inception here
-    took = time.time() - t0
+    with took() as t:
+        proc = launch(tmp_path, gin_file, data, "image_features.networks = [@evaluator_network]")  # no Inception here
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert took < 180, took  # gin/smoke.gin: well under 3 minutes, start-up included
+    assert t.seconds < SMOKE_S, t  # gin/smoke.gin: well under 3 minutes, start-up included
     c, parent, kids = _runs(tmp_path, gin_file.removesuffix(".gin"))
     assert parent.info.status == "FINISHED" and set(kids) == STAGES
 
@@ -115,11 +114,11 @@ def test_published_settings_of_the_cifar_files():
 def test_cifar_file_offline_without_data_is_one_line(tmp_path, gin_file, folder):
     empty = tmp_path / "data"
     empty.mkdir()
-    t0 = time.time()
-    proc = launch(tmp_path, gin_file, empty)
+    with took() as t:
+        proc = launch(tmp_path, gin_file, empty)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dlsm: error:"), proc.stderr[-2000:]
-    assert str(empty) in lines[0] and folder in lines[0] and time.time() - t0 < 30
+    assert str(empty) in lines[0] and folder in lines[0] and t.wall_s < FAST_FAIL_S
     assert not list(tmp_path.rglob("*.pt"))
 
 
@@ -128,12 +127,12 @@ def test_cifar10_without_inception_weights_stops_in_seconds_before_training(tmp_
     before anything trains, with one line naming the binding to set."""
     data = tmp_path / "data"
     make_cifar10(data, per_batch=20, n_test=40, balanced=True)
-    t0 = time.time()
-    proc = launch(tmp_path, "cifar10.gin", data, env={"TORCH_HOME": str(tmp_path / "torch")})  # an empty hub cache
+    with took() as t:
+        proc = launch(tmp_path, "cifar10.gin", data, env={"TORCH_HOME": str(tmp_path / "torch")})  # an empty hub cache
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("dlsm: error: Inception-v3 weights not found (nothing is downloaded)")
-    assert "inception_network.weights_path" in lines[0] and time.time() - t0 < 30
+    assert "inception_network.weights_path" in lines[0] and t.wall_s < FAST_FAIL_S
     assert not list(tmp_path.rglob("*.pt"))
 
 

@@ -7,12 +7,12 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from budget import FAST_FAIL_S, SMOKE_S, took  # tests/, on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS, SMOKE = str(ROOT / "gin" / "digits.gin"), str(ROOT / "gin" / "smoke.gin")
@@ -36,10 +36,10 @@ def artifacts(c, run_id: str, path: str = "") -> set[str]:
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("digits")
-    t0 = time.time()
-    proc = launch(cwd)
+    with took() as t:
+        proc = launch(cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert time.time() - t0 < 180  # gin/smoke.gin: well under 3 minutes with start-up
+    assert t.seconds < SMOKE_S, t  # gin/smoke.gin: well under 3 minutes with start-up
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
@@ -239,10 +239,10 @@ def _nothing_written(cwd: Path) -> None:
 def test_cifar_offline_is_one_line_naming_the_folder_and_layout(tmp_path):
     empty = tmp_path / "data"
     empty.mkdir()
-    t0 = time.time()
-    proc = launch(tmp_path, "experiment.dataset = @cifar10", env={"DATA_ROOT": str(empty)})
+    with took() as t:
+        proc = launch(tmp_path, "experiment.dataset = @cifar10", env={"DATA_ROOT": str(empty)})
     line = _one_line(proc)
-    assert str(empty) in line and "cifar-10-batches-py/" in line and time.time() - t0 < 30
+    assert str(empty) in line and "cifar-10-batches-py/" in line and t.wall_s < FAST_FAIL_S
     _nothing_written(tmp_path)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+from budget import FAST_FAIL_S, took  # tests/, on sys.path
 
 from dlsm.sweep.cluster import LOCAL_ENV, is_loopback_address, ray_env
 
@@ -201,24 +202,24 @@ def test_sweep_joins_an_existing_cluster_by_address(tmp_path, head_node):
     # another machine, no token yet: one line, within seconds, naming where the token comes from
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    t0 = time.time()
-    proc = subprocess.run(sweep_cmd("--values", "0.1", "--address", address), cwd=elsewhere,
-                          env={**env, "HOME": str(elsewhere)}, capture_output=True, text=True, timeout=120)
+    with took() as t:
+        proc = subprocess.run(sweep_cmd("--values", "0.1", "--address", address), cwd=elsewhere,
+                              env={**env, "HOME": str(elsewhere)}, capture_output=True, text=True, timeout=120)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith(f"dlsm: error: --address {address}: the Ray cluster requires its authentication")
     assert "~/.ray/auth_token" in lines[0] and "RAY_AUTH_TOKEN_PATH" in lines[0]
-    assert time.time() - t0 < 30 and not list(elsewhere.rglob("*.pt"))  # nothing trained before the check
+    assert t.wall_s < FAST_FAIL_S and not list(elsewhere.rglob("*.pt"))  # nothing trained before the check
 
 
 def test_unreachable_address_is_one_line_within_seconds(tmp_path):
-    t0 = time.time()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(sweep_cmd("--values", "0.1", "--address", f"127.0.0.1:{_free_port()}"), cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=120)
+    with took() as t:
+        proc = subprocess.run(sweep_cmd("--values", "0.1", "--address", f"127.0.0.1:{_free_port()}"), cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "cannot reach the Ray cluster" in lines[0], proc.stderr
-    assert time.time() - t0 < 30
+    assert t.wall_s < FAST_FAIL_S
 
 
 # -- faults ------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def _trial_worker_pids() -> set[int]:
 
 
 def test_trial_whose_worker_is_killed_is_retried_and_the_sweep_finishes(tmp_path):
-    params = [*TINY, "classifier/train.n_iters = 4000", "classifier/train.ckpt_every = 20",
+    params = [*TINY, "classifier/train.n_iters = 1500", "classifier/train.ckpt_every = 20",
               "classifier/train.log_every = 200", "sweep.max_concurrent_trials = 1", "sweep.max_failures = 1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     before = _trial_worker_pids()

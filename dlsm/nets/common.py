@@ -9,7 +9,7 @@ from torch import nn
 
 from dlsm.errors import ConfigError
 
-__all__ = ["check_groups", "check_image_shape", "check_input", "count_parameters"]
+__all__ = ["check_groups", "check_image_shape", "check_input", "check_positive", "count_parameters"]
 
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = True) -> int:
@@ -29,6 +29,15 @@ def check_image_shape(name: str, shape: Sequence[int], num_downsamplings: int) -
             "use fewer levels or another image size"
         )
     return c, h, w
+
+
+def check_positive(name: str, *, minimum: int = 1, **sizes: object) -> None:
+    """ConfigError in one line naming the binding (``ScoreMLP.hidden = 0: must be a positive integer``) unless every
+    size (a width, depth or channel count of configurable ``name``) is an integer >= ``minimum``."""
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ConfigError(f"{name}.{key} = {value!r}: must be {what}")
 
 
 def check_groups(name: str, widths: Sequence[int], groups: int) -> None:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from dlsm.errors import ConfigError
-from dlsm.nets.common import check_groups, check_image_shape, check_input, count_parameters
+from dlsm.nets.common import check_groups, check_image_shape, check_input, check_positive, count_parameters
 from dlsm.nets.embeddings import GaussianFourierEmbedding
 from dlsm.nets.mlp import _as_batch, c_in
 
@@ -129,8 +129,11 @@ class ConvClassifier(nn.Module):
             raise ConfigError(
                 f"{name}: blocks_per_stage {blocks} must give >= 1 block for each of {len(channels)} stages"
             )
+        optional = {"emb_dim": emb_dim, "num_frequencies": num_frequencies}
+        check_positive(name, **{k: v for k, v in optional.items() if v is not None})
         self.shape = check_image_shape(name, shape, len(channels) - 1)
         if norm == "group":
+            check_positive(name, norm_groups=norm_groups)
             check_groups(name, channels, norm_groups)
         self.sigma_data = sigma_data
         emb_dim = 4 * channels[0] if emb_dim is None else emb_dim

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dlsm.errors import ConfigError
+from dlsm.nets.common import check_positive
 
 __all__ = ["BranchClassifier", "ClassifierMLP", "NoiseConditionalMLP", "ScoreMLP", "SigmaEmbedding"]
 
@@ -37,6 +38,15 @@ def c_in(sigma: torch.Tensor, sigma_data: float | None) -> torch.Tensor:
     if sigma_data is None:
         return torch.ones_like(sigma)
     return torch.rsqrt(sigma**2 + sigma_data**2)
+
+
+def _check_widths(name: str, **widths: object) -> None:
+    """ConfigError unless each of ``widths`` is a non-empty tuple of positive integers (the layer widths)."""
+    for key, value in widths.items():
+        items = tuple(value) if isinstance(value, (tuple, list)) else None
+        if not items or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in items):
+            raise ConfigError(f"{name}.{key} = {value!r}: must be a non-empty tuple of positive integers, "
+                              "e.g. (256, 128, 64)")
 
 
 class SigmaEmbedding(nn.Module):
@@ -85,6 +95,8 @@ class ScoreMLP(nn.Module):
         sigma_data: float | None = None,
     ) -> None:
         super().__init__()
+        check_positive(type(self).__name__, hidden=hidden, depth=depth)
+        check_positive(type(self).__name__, minimum=2, emb_dim=emb_dim)  # emb_dim // 2 Fourier frequencies
         self.scale_by_sigma = scale_by_sigma
         self.sigma_data = sigma_data
         self.net = NoiseConditionalMLP(dim, dim, hidden=hidden, depth=depth, emb_dim=emb_dim)
@@ -110,6 +122,8 @@ class ClassifierMLP(nn.Module):
         sigma_data: float | None = None,
     ) -> None:
         super().__init__()
+        check_positive(type(self).__name__, hidden=hidden, depth=depth)
+        check_positive(type(self).__name__, minimum=2, emb_dim=emb_dim)  # emb_dim // 2 Fourier frequencies
         self.sigma_data = sigma_data
         self.net = NoiseConditionalMLP(dim, num_classes, hidden=hidden, depth=depth, emb_dim=emb_dim)
 
@@ -152,6 +166,7 @@ class BranchClassifier(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
+        _check_widths(type(self).__name__, x_widths=x_widths, sigma_widths=sigma_widths)
         self.x_branch = _mlp((dim, *x_widths), activation)
         self.sigma_branch = _mlp((1, *sigma_widths), activation)
         self.head = nn.Linear(x_widths[-1] + sigma_widths[-1], num_classes)

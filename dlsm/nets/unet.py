@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from dlsm.errors import ConfigError
-from dlsm.nets.common import check_groups, check_image_shape, check_input, count_parameters
+from dlsm.nets.common import check_groups, check_image_shape, check_input, check_positive, count_parameters
 from dlsm.nets.embeddings import GaussianFourierEmbedding
 from dlsm.nets.mlp import _as_batch, c_in
 
@@ -207,6 +207,7 @@ class ScoreUNet(nn.Module):
         fourier_scale: float = 16.0,
     ) -> None:
         super().__init__()
+        check_positive("ScoreUNet", norm_groups=norm_groups, **({} if emb_dim is None else {"emb_dim": emb_dim}))
         self.shape = tuple(int(s) for s in shape)
         self.scale_by_sigma = scale_by_sigma
         self.sigma_data = sigma_data

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import gin
 from torch import nn
 
+from dlsm.files import copy_atomic
 from dlsm.report.plots import loss_curves
 from dlsm.stages.base import Run, seed_everything
 from dlsm.train import distributed as dist
@@ -57,7 +57,7 @@ def fit(
             def fetch() -> None:
                 if done and not ckpt.exists():
                     fetched = tracker.download_checkpoint(run_id, stage, ckpt.name, key=stage, require_finished=False)
-                    shutil.copy(fetched, ckpt)
+                    copy_atomic(fetched, ckpt)  # a full disk leaves no truncated checkpoint behind
 
             dist.from_main(fetch)
             if not done and dist.is_main():

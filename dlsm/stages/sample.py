@@ -19,6 +19,7 @@ import torch
 
 from dlsm import config as cfg
 from dlsm.errors import ConfigError
+from dlsm.files import write_atomic
 from dlsm.math.samplers import prior_sample
 from dlsm.report.plots import paper_order
 from dlsm.stages.base import Run, State
@@ -176,10 +177,11 @@ def sample(
                 decoded[name] = {c: data.decode(s) for c, s in state.samples[name].items()}
                 x = torch.cat(list(decoded[name].values()))
                 y = torch.cat([torch.full((len(s),), c) for c, s in decoded[name].items()])
-                np.savez_compressed(path, x=x.numpy(), y=y.numpy())
+                write_atomic(path, lambda f, x=x, y=y: np.savez_compressed(f, x=x.numpy(), y=y.numpy()))
                 _log_png(run, image_grid(decoded[name], grid_columns), f"images/grid-{name}.png", name)
             else:
-                np.savez_compressed(path, **{f"c{c}": x.numpy() for c, x in state.samples[name].items()})
+                arrays = {f"c{c}": x.numpy() for c, x in state.samples[name].items()}
+                write_atomic(path, lambda f, arrays=arrays: np.savez_compressed(f, **arrays))
             run.tracker.log_artifact(path, "samples")
         if image:
             _figure3(run, decoded, min(grid_columns, 4))

@@ -1,4 +1,4 @@
-"""Checkpoints and EMA weights: atomic writes, one-line errors for bad files, strict loading.
+"""Checkpoints and EMA weights: atomic writes, one-line errors for bad files and a full disk, strict loading.
 
 A checkpoint is a dict ``{step, model, ema, optimizer, generator, device, base_lrs, warmup}`` written
 by :func:`dlsm.train.loop.train` every ``train.ckpt_every`` steps; :func:`load_ema_weights` reuses the
@@ -8,7 +8,6 @@ EMA network of a finished stage (NCSNv2 Technique 5).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dlsm.errors import CheckpointError
+from dlsm.files import write_atomic
 
 __all__ = ["ema_model", "load_checkpoint", "load_ema_weights", "load_into", "restore_generator", "save_checkpoint"]
 
@@ -26,19 +26,10 @@ def ema_model(model: nn.Module, decay: float) -> AveragedModel:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write ``state`` atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``state`` atomically: a temporary file in the same folder, fsync, then rename over ``path``
+    (:func:`dlsm.files.write_atomic`). A full disk leaves the previous checkpoint as it was and raises a one-line
+    :class:`~dlsm.errors.DiskFullError` naming the folder and the space needed."""
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -1,0 +1,180 @@
+"""What can be checked before training: settings that would otherwise fail late, after hours of training.
+
+:func:`check_before_training` runs once the data are loaded and before any MLflow run or checkpoint exists
+(:func:`dlsm.experiment.run_experiment`); every problem is a one-line :class:`~dlsm.errors.ConfigError`:
+
+- the networks: :func:`check_networks` builds each one once on the CPU in its gin scope, so impossible widths,
+  depths or channel counts (``ScoreMLP.hidden = 0``, checked by the constructors) and image sizes fail now, and
+  checks ``train.batch_size`` against the data;
+- the evaluation, when ``experiment.stages`` lists ``evaluate`` (and no ``experiment.stop_after`` ends the run
+  before it): each k-NN suite of ``evaluate.suites`` (``sample_metrics``, ``image_metrics``) needs k + 1 points of
+  every class in each set it compares -- the training data, the samples (``sample.n_per_class``) and, for
+  ``image_metrics``' ``real`` row, the test split; ``k``, ``sample_metrics.n_projections`` and
+  ``image_metrics.kid_subset_size`` must be usable; and the evaluator network and CAS (``EvaluatorSettings``,
+  also read in the gin scope ``cas``) must fit the images.
+
+:func:`check_workdir` (``experiment.workdir`` can be written) runs before the folder's lock is taken.
+Values are read as the stages will see them: the gin binding (macros resolved), else the signature default.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import gin
+
+from dlsm.errors import ConfigError
+from dlsm.stages.base import ExperimentSpec, build_network
+from dlsm.train import distributed as dist
+
+__all__ = ["check_before_training", "check_evaluation", "check_networks", "check_workdir", "setting"]
+
+
+def check_workdir(workdir: str) -> None:
+    """Fail now, in one line, if ``experiment.workdir`` (checkpoints, samples) cannot be created or written."""
+    path = Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".dlsm-write-test-"):
+            pass
+    except OSError as err:
+        reason = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
+        raise ConfigError(f"experiment.workdir = {workdir!r}: cannot create or write this folder ({reason}); "
+                          "bind experiment.workdir to a writable folder") from None
+
+
+def check_networks(spec: ExperimentSpec, data) -> None:
+    """Build every network once (on the CPU, in its gin scope) so that one that does not fit the data
+    fails in one line before anything is written; the stages build their own, from their own seeds."""
+    with gin.config_scope("score"):
+        build_network(spec.score_model, data)
+    with gin.config_scope("classifier"):
+        for make in spec.classifiers.values():
+            build_network(make, data, num_classes=data.num_classes)
+    for scope in ("score", "classifier"):
+        try:
+            batch = gin.query_parameter(f"{scope}/train.batch_size")
+        except ValueError:  # not bound in this scope: train's default
+            continue
+        if isinstance(batch, int) and batch > len(data):
+            raise ConfigError(f"{scope}/train.batch_size = {batch} is larger than the data ({len(data)} examples); "
+                              "lower it")
+        if isinstance(batch, int):  # the global batch must split evenly across torchrun's processes
+            dist.shard(batch, f"{scope}/train.batch_size")
+
+
+def check_before_training(spec: ExperimentSpec, data) -> None:
+    """Every check that needs the loaded data: the evaluation's settings (on rank 0, which evaluates; its error
+    stops every rank), then the networks (:func:`check_networks`)."""
+    dist.from_main(lambda: check_evaluation(spec, data))
+    check_networks(spec, data)
+
+
+def setting(fn: Callable, param: str) -> object:
+    """The value configurable ``fn`` will get for ``param`` (outside any scope): its gin binding with macros
+    resolved, else the default in its signature."""
+    bound = gin.get_bindings(fn, resolve_references=True)
+    if param in bound:
+        return bound[param]
+    return inspect.signature(inspect.unwrap(fn)).parameters[param].default
+
+
+def _listed(stages, fn: Callable) -> bool:
+    return any(inspect.unwrap(s) is inspect.unwrap(fn) for s in stages)
+
+
+def check_evaluation(spec: ExperimentSpec, data) -> None:
+    """The evaluation's settings against the data, before training (see the module docstring)."""
+    from dlsm.eval.images import image_metrics
+    from dlsm.eval.points import sample_metrics
+    from dlsm.stages.evaluate import evaluate
+    from dlsm.stages.sample import class_counts, sample
+
+    if spec.stop_after is not None or not _listed(spec.stages, evaluate):
+        return
+    suites = [inspect.unwrap(s) for s in setting(evaluate, "suites")]
+    n_per_class = setting(sample, "n_per_class")
+    counts = class_counts(data, n_per_class) if _listed(spec.stages, sample) else None  # None: nothing sampled
+    if inspect.unwrap(sample_metrics) in suites:
+        k = _positive("sample_metrics", "k", setting(sample_metrics, "k"), "e.g. 5")
+        _positive("sample_metrics", "n_projections", setting(sample_metrics, "n_projections"), "e.g. 256")
+        _check_knn("sample_metrics", k, data, counts, n_per_class)
+    if inspect.unwrap(image_metrics) in suites:
+        _check_image_metrics(spec, data, counts, n_per_class)
+
+
+def _positive(fn: str, param: str, value: object, example: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{fn}.{param} = {value!r}: must be {what}, {example}")
+    return value
+
+
+def _per_class(data) -> list[int]:
+    return [int((data.y == c).sum()) for c in range(data.num_classes)]
+
+
+def _data_source(data, split: str) -> tuple[str, str, str]:
+    """How to name a split's size in a message: (what gives it, its unit, how to raise it)."""
+    from dlsm.data.images import digits
+    from dlsm.data.points import two_moons
+
+    image = len(tuple(data.shape)) == 3
+    unit = f"{'training' if split == 'train' else 'test'} image" if image else "data point"
+    if data.name == "two_moons":
+        return f"two_moons.n = {setting(two_moons, 'n')!r} gives", unit, "raise two_moons.n"
+    if data.name == "digits":
+        fraction = setting(digits, "test_fraction")
+        fix = "lower digits.test_fraction" if split == "train" else "raise digits.test_fraction"
+        return f"digits.test_fraction = {fraction!r} gives", unit, fix
+    return f"the {split} split of {data.name} has", unit, f"use a larger {split} split"
+
+
+def _check_knn(suite: str, k: int, data, counts: list[int] | None, n_per_class: object, test=None) -> None:
+    """Every class of the training data, the samples and the test split (when given) has k + 1 points."""
+    sets = [(_per_class(data), *_data_source(data, "train"))]
+    if counts is not None:
+        sets.append((counts, f"sample.n_per_class = {n_per_class!r} gives", "sample", "raise sample.n_per_class"))
+    if test is not None:
+        sets.append((_per_class(test), *_data_source(test, "test")))
+    for per_class, source, unit, fix in sets:
+        small = [c for c, n in enumerate(per_class) if n < k + 1]
+        if small:
+            c, n = small[0], per_class[small[0]]
+            raise ConfigError(f"{suite}.k = {k} needs at least {k + 1} points per class: {source} {n} "
+                              f"{unit}{'' if n == 1 else 's'} in class {c}; {fix} or lower {suite}.k")
+
+
+def _check_image_metrics(spec: ExperimentSpec, data, counts: list[int] | None, n_per_class: object) -> None:
+    """image_metrics' k-NN sets (training split, samples, test split for the ``real`` row), KID and evaluator."""
+    from dlsm.data.images import ImageData
+    from dlsm.eval.images import evaluator_network, image_features, image_metrics
+
+    if not isinstance(data, ImageData):
+        raise ConfigError("image_metrics needs image data; for point data use sample_metrics")
+    k = _positive("image_metrics", "k", setting(image_metrics, "k"), "e.g. 5")
+    _positive("image_metrics", "kid_subset_size", setting(image_metrics, "kid_subset_size"), "e.g. 1000", 2)
+    real_row, with_cas = setting(image_metrics, "real_row"), setting(image_metrics, "with_cas")
+    test = spec.dataset(split="test") if real_row or with_cas else None  # rank 0 alone (check_before_training)
+    _check_knn("image_metrics", k, data, counts, n_per_class, test if real_row else None)
+    networks = [inspect.unwrap(n) for n in setting(image_features, "networks")]
+    scopes = ([None] if inspect.unwrap(evaluator_network) in networks else []) + (["cas"] if with_cas else [])
+    for scope in scopes:
+        _check_evaluator(data, scope)
+
+
+def _check_evaluator(data, scope: str | None) -> None:
+    """The evaluator network (scope None) or CAS's (scope ``cas``), built once on the CPU with its settings."""
+    from dlsm.eval.evaluator import EvaluatorNet, EvaluatorSettings
+
+    _, h, w = data.shape
+    if h % 4 or w % 4:
+        fix = "set digits.size to a multiple of 4" if data.name == "digits" else "use images of such a size"
+        raise ConfigError(f"image_metrics: the evaluator network (features, CAS) needs image height and width "
+                          f"divisible by 4, got {h}x{w}; {fix} or drop @image_metrics from evaluate.suites")
+    with gin.config_scope(scope):
+        settings = EvaluatorSettings()
+    EvaluatorNet(tuple(data.shape), data.num_classes, width=settings.width, depth=settings.depth)
