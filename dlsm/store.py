@@ -4,7 +4,9 @@ Default store: ``sqlite:///<cwd>/mlruns/mlflow.db`` with artifacts under ``<cwd>
 ``MLFLOW_TRACKING_URI`` overrides it. :func:`check_tracking_uri` fails fast, in one line naming the URI, when the
 store's folder cannot be created or written or an ``http(s)`` server does not answer one short probe, instead of
 MLflow's own retries and tracebacks. :func:`creation_lock` serialises the first use of an sqlite store between
-processes. Nothing here imports mlflow at module level.
+processes. :func:`is_lost_store` tells a store that stopped answering mid-run (after MLflow's own retries) from a
+request it refused, and :func:`one_try` makes MLflow's HTTP client try once, briefly. Nothing here imports mlflow at
+module level.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import os
 import re
 import tempfile
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 from dlsm.errors import TrackingError
 from dlsm.locks import exclusive
 
 __all__ = [
-    "artifact_root", "check_tracking_uri", "creation_lock", "default_tracking_uri", "forget", "is_store_error",
-    "store_message",
+    "artifact_root", "check_tracking_uri", "creation_lock", "default_tracking_uri", "forget", "is_lost_store",
+    "is_store_error", "lost_message", "one_try", "store_message",
 ]
 
 
@@ -179,3 +182,57 @@ def is_store_error(err: BaseException) -> bool:
     from sqlalchemy.exc import SQLAlchemyError
 
     return isinstance(err, (MlflowException, SQLAlchemyError, CommandError))
+
+
+# MLflow's codes for a store that is down or overloaded (a server's HTTP 5xx answer, sqlite's OperationalError)
+_LOST_CODES = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"})
+
+
+def is_lost_store(err: BaseException) -> bool:
+    """The store stopped answering, after MLflow's own retries: a refused or broken connection, a timeout, HTTP 5xx,
+    a database that is locked or cannot be opened. Not a request the store answered with a refusal (a changed param
+    value, a missing run): that stays an error of the code."""
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(err, (requests.exceptions.RequestException, ConnectionError, TimeoutError, OperationalError)):
+        return True
+    if isinstance(err, RestException):  # the server's own answer
+        return err.error_code in _LOST_CODES
+    if not isinstance(err, MlflowException):
+        return False
+    text = str(err)  # MLflow's HTTP client wraps what its retries gave up on as "API request to URL failed with ..."
+    if text.startswith("API request to ") and re.search(r"failed with (timeout )?exception|error code 5\d\d", text):
+        return True
+    return err.error_code == "TEMPORARILY_UNAVAILABLE"  # the SQL store's OperationalError
+
+
+def lost_message(uri: str, err: BaseException) -> str:
+    """``MLFLOW_TRACKING_URI=URL: Connection refused``: the store and why it stopped answering, in a few words."""
+    text = str(err)
+    m = re.search(r"Caused by \w+\('([^']+)'\)", text)  # urllib3's ResponseError('too many 503 error responses')
+    if m:
+        return f"{_label(uri)}: {m.group(1)}"
+    if "timed out" in text or "timeout exception" in text:
+        return f"{_label(uri)}: no answer within MLFLOW_HTTP_REQUEST_TIMEOUT"
+    return store_message(uri, err)
+
+
+_ONE_TRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+@contextlib.contextmanager
+def one_try() -> Iterator[None]:
+    """MLflow's HTTP client tries each request once and waits 5 s at most (it reads these variables at every
+    request): closing the runs of a store already lost takes seconds, not another round of retries."""
+    saved = {k: os.environ.get(k) for k in _ONE_TRY}
+    os.environ.update(_ONE_TRY)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

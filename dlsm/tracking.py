@@ -6,6 +6,13 @@ Runs carry tags ``dlsm.config_hash`` (parent) and ``dlsm.stage`` (children) so a
 same configuration finds its unfinished parent and resumes it, skipping stages already FINISHED.
 Under torchrun only rank 0 holds a :class:`Tracker` (:func:`rank_tracker`); the other ranks hold a
 :class:`NullTracker` that writes nothing.
+
+A store that stops answering mid-run (an ``mlflow server`` restarted, a network cut) is first MLflow's business: its
+HTTP client retries every request (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, 7 by default with a backoff factor of 2:
+about four minutes), and training waits at its next log call. If the retries give up, tracking is *lost*: one
+warning line, later writes are skipped (and counted), training goes on writing its checkpoints, and the stage (or
+the run, outside a stage) ends with a one-line :class:`~dlsm.errors.TrackingError`: relaunching the same command
+resumes the run from them.
 """
 
 from __future__ import annotations
@@ -13,10 +20,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 from mlflow.entities import Metric, Param
@@ -29,7 +39,10 @@ from dlsm.store import (
     creation_lock,
     default_tracking_uri,
     forget,
+    is_lost_store,
     is_store_error,
+    lost_message,
+    one_try,
     store_message,
 )
 from dlsm.train import distributed as dist
@@ -37,6 +50,7 @@ from dlsm.train import distributed as dist
 __all__ = ["NullTracker", "Tracker", "check_tracking_uri", "default_tracking_uri", "rank_tracker"]
 
 MAX_PARAM_LEN = 6000
+T = TypeVar("T")
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about creating the database
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -66,6 +80,79 @@ class Tracker:
             raise TrackingError(store_message(uri, err)) from None
         self.experiment_id = exp_id
         mlflow.set_experiment(experiment_id=exp_id)
+        self.uri = uri
+        self.lost: str | None = None  # why the store stopped answering (one line), once it has
+        self.dropped: Counter[str] = Counter()  # what was not recorded since: "metric values", "params", "artifacts"
+        self._where = ""  # the stage being tracked ("" between stages), for the messages
+
+    # -- a store that stops answering ---------------------------------------------------------
+    def _lose(self, err: BaseException, *, warn: bool = True) -> None:
+        """Tracking is lost: remember why, and say so once (training goes on)."""
+        if self.lost is not None:
+            return
+        self.lost = lost_message(self.uri, err)
+        if warn:
+            stop = f"when {self._where} ends" if self._where else "before its next stage"
+            print(f"dlsm: warning: {self.lost}; MLflow's retries gave up, so tracking is lost: training goes on and "
+                  f"writes its checkpoints, nothing more is logged, and the run stops {stop}",
+                  file=sys.stderr, flush=True)
+
+    def lost_error(self) -> TrackingError:
+        """The one line that ends a run whose tracking was lost."""
+        dropped = ", ".join(f"{n} {what}" for what, n in self.dropped.items() if n)
+        return TrackingError(f"{self.lost}; tracking was lost during {self._where or 'the run'}"
+                             f"{f' ({dropped} not recorded)' if dropped else ''}; the checkpoints on disk are kept: "
+                             "relaunch the same command to resume")
+
+    def _record(self, what: str, n: int, write: Callable[[], object]) -> None:
+        """``write()`` to the store; once the store is lost, it and every later write are skipped and counted."""
+        if self.lost is None:
+            try:
+                write()
+                return
+            except Exception as err:
+                if not is_lost_store(err):
+                    raise
+                self._lose(err)
+        if n:
+            self.dropped[what] += n
+
+    def _read(self, read: Callable[[], T]) -> T:
+        """``read()`` from the store, which the run cannot go on without: a lost store is a TrackingError now."""
+        if self.lost is None:
+            try:
+                return read()
+            except Exception as err:
+                if not is_lost_store(err):
+                    raise
+                self._lose(err, warn=False)
+        raise self.lost_error() from None
+
+    @contextlib.contextmanager
+    def _run(self, **kwargs: object) -> Iterator[mlflow.ActiveRun]:
+        """``mlflow.start_run(**kwargs)``, ended FINISHED, or FAILED on an error; with the store lost it ends without
+        MLflow's retries, and a run whose own work went on without tracking ends with :meth:`lost_error`."""
+        run = self._read(lambda: mlflow.start_run(**kwargs))
+        try:
+            yield run
+        except BaseException:
+            self._end("FAILED")
+            raise
+        self._end("FINISHED")
+        if self.lost is not None:
+            raise self.lost_error()
+
+    def _end(self, status: str) -> None:
+        if self.lost is not None:  # MLflow takes the run off its stack before it calls the store
+            with one_try(), contextlib.suppress(Exception):
+                mlflow.end_run("FAILED")
+            return
+        try:
+            mlflow.end_run(status)
+        except Exception as err:
+            if not is_lost_store(err):
+                raise
+            self._lose(err, warn=False)
 
     # -- finding runs -------------------------------------------------------------------------
     def unfinished_parent(self, config_hash: str) -> str | None:
@@ -98,69 +185,93 @@ class Tracker:
         tags = {"dlsm.kind": kind, "dlsm.config_hash": config_hash}
         if nest_under:
             tags["mlflow.parentRunId"] = nest_under
-        with mlflow.start_run(run_id=resume_id, run_name=None if resume_id else run_name, tags=tags) as run:
+        with self._run(run_id=resume_id, run_name=None if resume_id else run_name, tags=tags) as run:
             yield run.info.run_id
 
     @contextlib.contextmanager
     def stage(self, parent_id: str, stage: str) -> Iterator[tuple[str, bool]]:
-        """Start or resume the child run of ``stage``; yields (run_id, already_finished)."""
-        prev = self.child(parent_id, stage)
+        """Start or resume the child run of ``stage``; yields (run_id, already_finished). Tracking lost before the
+        stage: a TrackingError now; during it: at its end, after its own work (training, checkpoints)."""
+        prev = self._read(lambda: self.child(parent_id, stage))
         finished = prev is not None and prev.info.status == "FINISHED"
         run_id = prev.info.run_id if prev is not None else None
-        with mlflow.start_run(
-            run_id=run_id, run_name=None if run_id else stage, nested=True, tags={"dlsm.stage": stage}
-        ) as run:
-            yield run.info.run_id, finished
+        outer, self._where = self._where, stage
+        try:
+            with self._run(
+                run_id=run_id, run_name=None if run_id else stage, nested=True, tags={"dlsm.stage": stage}
+            ) as run:
+                yield run.info.run_id, finished
+        finally:
+            self._where = outer
 
     # -- logging ------------------------------------------------------------------------------
+    # (writes: a store lost after MLflow's retries skips them, counted, and the stage goes on; see _record)
     def log_params(self, params: dict[str, object]) -> None:
         run_id = mlflow.active_run().info.run_id
-        have = self.client.get_run(run_id).data.params
-        items = [
-            Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in have
-        ]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i : i + 100])
+
+        def write() -> None:
+            have = self.client.get_run(run_id).data.params
+            items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in have]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(run_id, params=items[i : i + 100])
+
+        self._record("params", len(params), write)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         run_id = mlflow.active_run().info.run_id
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+        def write() -> None:
+            for i in range(0, len(items), 1000):
+                self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+        self._record("metric values", len(items), write)
         if self.on_metrics is not None:
             self.on_metrics(mlflow.active_run().data.tags.get("dlsm.stage", ""), metrics, step or 0)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self._record("artifacts", 1, lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        mlflow.log_text(text, artifact_file)
+        self._record("artifacts", 1, lambda: mlflow.log_text(text, artifact_file))
 
     def log_text_to(self, run_id: str, text: str, artifact_file: str) -> None:
         """A text artifact in another run than the active one (e.g. a table beside the samples it scores)."""
-        self.client.log_text(run_id, text, artifact_file)
+        self._record("artifacts", 1, lambda: self.client.log_text(run_id, text, artifact_file))
 
     def stage_run_id(self, parent_id: str, stage: str) -> str | None:
-        """The run id of the latest ``stage`` child of ``parent_id``, or None."""
-        run = self.child(parent_id, stage)
-        return run.info.run_id if run is not None else None
+        """The run id of the latest ``stage`` child of ``parent_id``, or None (also once tracking is lost: what
+        would go to that run is skipped then anyway)."""
+        if self.lost is None:
+            try:
+                run = self.child(parent_id, stage)
+                return run.info.run_id if run is not None else None
+            except Exception as err:
+                if not is_lost_store(err):
+                    raise
+                self._lose(err)
+        return None
 
     def log_figure(self, fig, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
 
-        mlflow.log_figure(fig, artifact_file)
-        plt.close(fig)
+        try:
+            self._record("artifacts", 1, lambda: mlflow.log_figure(fig, artifact_file))
+        finally:
+            plt.close(fig)
 
     def log_image(self, image, artifact_file: str) -> None:
         """A PIL image or uint8 array as a PNG artifact (sample grids)."""
-        mlflow.log_image(image, artifact_file=artifact_file)
+        self._record("artifacts", 1, lambda: mlflow.log_image(image, artifact_file=artifact_file))
 
     def check_source_run(self, run_id: str, key: str) -> None:
         """Fail now (not after training the stages before it) if ``key`` names no run of this store."""
         try:
             self.client.get_run(run_id)
         except Exception as err:
+            if is_lost_store(err):
+                raise TrackingError(f"{lost_message(self.uri, err)}; cannot look up {key}") from None
             if not is_store_error(err):
                 raise
             raise ConfigError(f"{key}: no MLflow run {run_id!r} in {default_tracking_uri()}") from None
@@ -173,7 +284,9 @@ class Tracker:
         ``key`` names what the user set (for the one-line error)."""
         try:
             run = self.client.get_run(run_id)
-        except Exception:
+        except Exception as err:
+            if is_lost_store(err):
+                raise TrackingError(f"{lost_message(self.uri, err)}; cannot look up {key}") from None
             uri = default_tracking_uri()
             raise ConfigError(f"{key}: no MLflow run {run_id!r} in {uri}") from None
         if run.data.tags.get("dlsm.stage") != stage:

@@ -328,3 +328,73 @@ def test_official_per_pixel_dlsm_and_total(seed, lam):
     torch.testing.assert_close(tot.detach(), official_total.detach(), rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="reduce must be one of"):
         dlsm_loss(clf, score, x, y, sigma, noise, reduce="max")
+
+
+# --------------------------------------------------------------------------------------------
+# Found by mutation testing (docs/mutation.md)
+# --------------------------------------------------------------------------------------------
+
+
+def test_squared_norm_of_bf16_residuals_is_accumulated_and_returned_in_float32():
+    """The DSM / DLSM' squared norm of a bf16 residual (all-bf16 inputs) keeps float32 precision: compared with
+    the float64 sum of squares of the same bf16 values (a bf16 result would be off by ~1e-3)."""
+    from dlsm.math.losses import _sq_norm
+
+    v = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    got = _sq_norm(v)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), v.double().pow(2).sum(dim=(1, 2)), rtol=1e-6, atol=0.0)
+    x64 = torch.rand(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert _sq_norm(x64).dtype == torch.float64  # never lowered
+
+
+@pytest.mark.parametrize("loss", ["dlsm_loss", "total_loss"])
+def test_reduce_binding_is_checked_when_the_config_is_parsed(loss):
+    import gin
+
+    from dlsm.config import check_binding_types
+    from dlsm.errors import ConfigError
+
+    gin.clear_config()
+    try:
+        for ok in ("sum", "mean"):
+            gin.parse_config(f"{loss}.reduce = '{ok}'")
+            check_binding_types()
+        gin.parse_config(f"{loss}.reduce = 'max'")
+        with pytest.raises(ConfigError, match=rf"{loss}.reduce = 'max': must be one of \['sum', 'mean'\]"):
+            check_binding_types()
+    finally:
+        gin.clear_config()
+
+
+def test_defaults_are_ncsnv2_weighting_the_summed_norm_and_lambda_one():
+    """Called without options, the losses are the paper's: lambda(sigma) = sigma^2 for DSM and DLSM' (so
+    1/2 ||sigma s + z||^2), the squared norm summed over dimensions, L_Total = DLSM' + 1 * (unweighted) CE."""
+    x, y, sigma, noise = _mixture_batch(8, seed=12)
+    clf, score = GaussianClassifier(tau=1.3), MixturePriorScore()
+    xt = x + sigma[:, None] * noise
+    with torch.no_grad():
+        prior = score(xt, sigma)
+        logits = clf(xt, sigma)
+    dsm_ref = 0.5 * (sigma[:, None] * prior + noise).pow(2).sum(dim=1)
+    dlsm_ref = 0.5 * (sigma[:, None] * (clf.input_grad(xt, sigma, y) + prior) + noise).pow(2).sum(dim=1)
+    ce_ref = torch.logsumexp(logits, dim=1) - logits[torch.arange(8), y]
+    close = {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(dsm_loss(score, x, sigma, noise).detach(), dsm_ref, **close)
+    torch.testing.assert_close(dlsm_loss(clf, score, x, y, sigma, noise).detach(), dlsm_ref, **close)
+    torch.testing.assert_close(ce_loss(clf, score, x, y, sigma, noise).detach(), ce_ref, **close)
+    torch.testing.assert_close(total_loss(clf, score, x, y, sigma, noise).detach(), dlsm_ref + ce_ref, **close)
+
+
+@pytest.mark.parametrize("loss", ["dlsm", "total"])
+def test_per_pixel_mean_of_a_batch_of_one(loss):
+    """reduce='mean' divides by the dimension of one example, also when the batch holds a single example."""
+    x, y, sigma, noise = _mixture_batch(1, seed=13)
+    clf, score = GaussianClassifier(tau=1.3), MixturePriorScore()
+    xt = x + sigma[:, None] * noise
+    with torch.no_grad():
+        prior = score(xt, sigma)
+    ref = 0.5 * (clf.input_grad(xt, sigma, y) + prior + noise / sigma[:, None]).pow(2).mean(dim=1)
+    fn = dlsm_loss if loss == "dlsm" else lambda *a, **k: total_loss(*a, lam=0.0, **k)
+    got = fn(clf, score, x, y, sigma, noise, weight_power=0.0, reduce="mean")
+    torch.testing.assert_close(got.detach(), ref, rtol=1e-10, atol=1e-12)

@@ -343,3 +343,119 @@ def test_noise_schedule_other_bad_values(kwargs):
     base = {"sigma_max": 10.0, "num_scales": 10, "eps": 1e-5}
     with pytest.raises(ConfigError):
         noise_schedule(_data(dim=2), **{**base, **kwargs})
+
+
+# --------------------------------------------------------------------------------------------
+# Found by mutation testing (docs/mutation.md)
+# --------------------------------------------------------------------------------------------
+
+
+def test_log_uniform_sigmas_draw_from_the_given_generator():
+    """The values are exp(log lo + u (log hi - log lo)) with u the generator's torch.rand stream (float64 here)."""
+    lo, hi = 0.01, 50.0
+    torch.manual_seed(123)  # the global stream must play no part
+    got = log_uniform_sigmas(6, lo, hi, generator=torch.Generator().manual_seed(5))
+    u = torch.rand(6, generator=torch.Generator().manual_seed(5)).double()
+    expected = torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0.0)
+
+
+def test_max_pairwise_distance_of_float32_data_is_computed_in_float64():
+    """float32 points, the answer of their exact (float64) values to 1e-12: the docstring's float64 promise."""
+    x = 1e3 + torch.randn(300, 7, generator=torch.Generator().manual_seed(4))
+    flat = x.double()
+    exact = float(torch.cdist(flat, flat).max())
+    assert math.isclose(max_pairwise_distance(x), exact, rel_tol=1e-12)
+    assert math.isclose(max_pairwise_distance(x, chunk_size=7), exact, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("dim", [2, 4])
+def test_technique2_low_dimension_error_names_the_fix(dim):
+    with pytest.raises(ConfigError) as err:
+        technique2_ratio(dim)
+    assert str(err.value) == (f"Technique 2 has no solution for data dimension D={dim} (it needs D >= 5); "
+                              "set noise_schedule.num_scales to a number")
+
+
+@pytest.mark.parametrize(("dim", "k"), [(3072, 40), (8, 7), (100, 25)])
+def test_technique2_num_scales_when_the_range_is_an_exact_power_of_the_ratio(dim, k):
+    """sigma_max / sigma_min = gamma^k is covered by exactly k ratios, k + 1 scales (no extra one for rounding)."""
+    gamma = technique2_ratio(dim)
+    assert technique2_num_scales(0.01 * gamma**k, 0.01, dim) == k + 1
+    assert technique2_num_scales(0.01 * gamma**k * 1.001, 0.01, dim) == k + 2
+
+
+def _technique4_reference(gamma: float, sigma_min: float, n_steps: int) -> float:
+    """The minimiser of Proposition 3's ratio R(u), u = eps / sigma_L^2 in (0, 1), as the root of R'(u) in closed
+    form: R(u) = (1 - u)^(2T) (gamma^2 - c) + c with c = 2 / (2 - u)."""
+    from scipy.optimize import brentq
+
+    def d_ratio(u: float) -> float:
+        c, dc = 2.0 / (2.0 - u), 2.0 / (2.0 - u) ** 2
+        return -2 * n_steps * (1 - u) ** (2 * n_steps - 1) * (gamma**2 - c) - (1 - u) ** (2 * n_steps) * dc + dc
+
+    return brentq(d_ratio, 1e-12, 1.0 - 1e-12, xtol=1e-17) * sigma_min**2
+
+
+@pytest.mark.parametrize(("gamma", "sigma_min", "n_steps"), [(1.0157, 0.01, 5), (1.5, 0.5, 10), (1.3, 0.9, 7)])
+def test_technique4_step_size_to_1e_7(gamma, sigma_min, n_steps):
+    """Where Proposition 3's ratio stays above 1 (these cases), Technique 4's eps is the ratio's minimiser; found to
+    a relative 5e-8 (its log-eps tolerance is 1e-10; floating point limits it to ~1e-8)."""
+    eps = technique4_step_size(gamma, sigma_min, n_steps)
+    assert proposition3_ratio(eps, gamma, sigma_min, n_steps) > 1.0
+    assert math.isclose(eps, _technique4_reference(gamma, sigma_min, n_steps), rel_tol=5e-8)
+
+
+def test_schedule_params_are_logged_under_their_names():
+    sched = noise_schedule(_data(dim=2), sigma_max=7.0, sigma_min=0.25, num_scales=12, eps=3e-5, n_steps_each=3)
+    assert sched.as_params() == {
+        "schedule.sigma_max": pytest.approx(7.0, rel=1e-6), "schedule.sigma_min": pytest.approx(0.25, rel=1e-6),
+        "schedule.num_scales": 12, "schedule.eps": 3e-5, "schedule.n_steps_each": 3,
+    }
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"sigma_max": "abc"}, "noise_schedule.sigma_max must be a number or 'auto', got 'abc'"),
+    ({"sigma_min": "abc"}, "noise_schedule.sigma_min must be a number or 'auto', got 'abc'"),
+    ({"sigma_min": "auto"}, "noise_schedule.sigma_min must be a number"),
+    ({"num_scales": "abc"}, "noise_schedule.num_scales must be a number or 'auto', got 'abc'"),
+    ({"num_scales": 2.5}, "noise_schedule.num_scales must be an integer, got 2.5"),
+    ({"eps": None}, "noise_schedule.eps must be a number or 'auto', got None"),
+    ({"n_steps_each": 0}, "noise_schedule.n_steps_each must be a positive integer, got 0"),
+    ({"sigma_min": 20.0}, "need sigma_max > sigma_min > 0, got sigma_max=10.0, sigma_min=20.0"),
+    ({"num_scales": 1}, "num_scales must be at least 2, got 1"),
+])
+def test_noise_schedule_errors_name_the_binding_and_value(kwargs, message):
+    base = {"sigma_max": 10.0, "sigma_min": 0.01, "num_scales": 10, "eps": 1e-5}
+    with pytest.raises(ConfigError) as err:
+        noise_schedule(_data(dim=2), **{**base, **kwargs})
+    assert str(err.value).split("\n")[0] == message  # gin adds a line naming the configurable
+
+
+def test_noise_schedule_defaults_and_one_langevin_step():
+    sched = noise_schedule(_data(dim=2), sigma_max=10.0, num_scales=10, eps=1e-5)
+    assert sched.n_steps_each == 5 and sched.sigma_min == pytest.approx(0.01)  # NCSNv2's T = 5, sigma_L = 0.01
+    assert noise_schedule(_data(dim=2), sigma_max=10.0, num_scales=10, eps=1e-5, n_steps_each=1).n_steps_each == 1
+
+
+def test_noise_schedule_reads_a_dataset_x_and_passes_the_overlap():
+    """A dataset (an object with ``x``) gives the schedule of its tensor; ``overlap`` reaches Technique 2; one
+    example is enough when sigma_max is given."""
+    from types import SimpleNamespace
+
+    data = _data(n=60, dim=8, seed=2)
+    auto = noise_schedule(SimpleNamespace(x=data), eps=1e-5)
+    smax = float(torch.cdist(data.double(), data.double()).max())
+    assert math.isclose(auto.sigma_max, smax, rel_tol=1e-6)
+    assert len(auto.sigmas) == technique2_num_scales(auto.sigma_max, 0.01, 8)
+    wide = noise_schedule(data, eps=1e-5, overlap=0.9)
+    assert len(wide.sigmas) == technique2_num_scales(wide.sigma_max, 0.01, 8, overlap=0.9) > len(auto.sigmas)
+    one = noise_schedule(data[:1], sigma_max=50.0, eps=1e-5)
+    assert len(one.sigmas) == technique2_num_scales(50.0, 0.01, 8)
+
+
+@pytest.mark.parametrize(("dim", "overlap"), [(7, 0.2), (8, 0.05), (8, 0.1), (3072, 0.5)])
+def test_technique2_ratio_solves_low_overlaps_in_low_dimension(dim, overlap):
+    """Large ratios (gamma ~ 5-6 for D = 7, 8) are found too: the overlap at the returned ratio is the target."""
+    gamma = technique2_ratio(dim, overlap)
+    assert gamma > 1.0 and math.isclose(_overlap_ref(gamma, dim), overlap, rel_tol=1e-9, abs_tol=1e-12)

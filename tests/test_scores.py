@@ -250,3 +250,66 @@ def test_exact_likelihood_with_the_exact_prior_is_the_class_conditional_parzen_s
     torch.testing.assert_close(scores.posterior(x, sigma, 2), prior + alpha * (cls - prior), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(scores.posterior_fn(2)(x, sigma), prior + alpha * (cls - prior), rtol=1e-10,
                                atol=1e-10)
+
+
+# ---- found by mutation testing (docs/mutation.md) ----------------------------------------------------------
+
+
+class _ClassScore(nn.Module):
+    """The exact class-conditional score of class y of the noisy mixture, -(x - mu_y) / (s_y^2 + sigma^2)."""
+
+    def __init__(self, clf: MixtureClassifier, y: int) -> None:
+        super().__init__()
+        self.clf, self.y = clf, y
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        v = self.clf.s[self.y] ** 2 + _sigma_batch(sigma, x)[:, None] ** 2
+        return -(x - self.clf.mu[self.y]) / v
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_posterior_sm_scores_match_the_mixture_closed_form(per_example):
+    """Posterior SM (method (c)): per-class score models as the posterior, the likelihood by Bayes' rule."""
+    from dlsm.math.scores import PosteriorSMScores
+
+    (pi, mu, s, sig, x_np), clf, score_model, x, sigma_arg = _problem(3, 3, 2, 16, 0.7, per_example)
+    scores = PosteriorSMScores(score_model, [_ClassScore(clf, y) for y in range(3)])
+    _close(scores.prior(x, sigma_arg), _prior_score(x_np, pi, mu, s, sig))
+    for y in range(3):
+        _close(scores.posterior(x, sigma_arg, y), _class_score(x_np, mu, s, sig, y))
+        _close(scores.posterior_fn(y)(x, sigma_arg), _class_score(x_np, mu, s, sig, y))
+        _close(scores.likelihood(x, sigma_arg, y), _likelihood_score(x_np, pi, mu, s, sig, y), tol=1e-8)
+
+
+def test_guidance_scale_defaults_to_one_the_base_method():
+    """Without alpha, posterior_score_fn and ExactLikelihoodScores are Bayes' rule: the class-conditional score."""
+    (pi, mu, s, sig, x_np), clf, score_model, x, sigma_arg = _problem(5, 2, 2, 16, 1.3, False)
+
+    class Oracle:  # the exact likelihood score grad log p_sigma(y|x) of the mixture
+        def likelihood(self, x, sigma, y):
+            return likelihood_score(clf, x, sigma, torch.full((x.shape[0],), y, dtype=torch.long))
+
+    for y in range(2):
+        labels = torch.full((x.shape[0],), y, dtype=torch.long)
+        _close(posterior_score_fn(score_model, clf, labels)(x, sigma_arg), _class_score(x_np, mu, s, sig, y), 1e-8)
+        _close(ExactLikelihoodScores(score_model, Oracle()).posterior(x, sigma_arg, y),
+               _class_score(x_np, mu, s, sig, y), tol=1e-8)
+
+
+def test_model_scores_use_eval_mode_and_accept_plain_functions():
+    """The networks are put in eval mode (a BatchNorm classifier then scores each sample on its own); a plain
+    function, such as a closed-form score, is used as it is. The likelihood score carries no graph by default."""
+    (pi, mu, s, sig, x_np), clf, score_model, x, sigma_arg = _problem(7, 2, 2, 16, 0.9, False)
+    score_model.train(), clf.train()
+    scores = ModelScores(score_model, clf, alpha=1.0)
+    assert not score_model.training and not clf.training
+
+    class Oracle:
+        def likelihood(self, x, sigma, y):
+            return likelihood_score(clf, x, sigma, torch.full((x.shape[0],), y, dtype=torch.long))
+
+    exact = ExactLikelihoodScores(lambda x, sigma: score_model(x, sigma), Oracle())
+    _close(exact.posterior(x, sigma_arg, 1), _class_score(x_np, mu, s, sig, 1), tol=1e-8)
+    _close(scores.posterior(x, sigma_arg, 1), _class_score(x_np, mu, s, sig, 1), tol=1e-8)
+    grad, _ = likelihood_score_and_logits(clf, x, sigma_arg, torch.ones(16, dtype=torch.long))
+    assert not grad.requires_grad  # create_graph=False unless asked (DLSM' asks)
