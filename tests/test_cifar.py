@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from budget import FAST_FAIL_S, SMOKE_S, took  # tests/, on sys.path
+from budget import FAST_FAIL_S, took  # tests/, on sys.path
 from cifar_archives import make_cifar10, make_cifar100
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,10 +47,8 @@ def test_cifar_file_runs_every_stage_under_smoke(tmp_path, gin_file, classes):
         make_cifar10(data, per_batch=20, n_test=40, balanced=True)  # 100 train images, 10 per class; 4 test
     else:  # 4 per class in both splits: the k-NN metrics (k = 3) need k + 1, the real row uses the test split
         make_cifar100(data, n_train=400, n_test=400, balanced=True)
-    with took() as t:
-        proc = launch(tmp_path, gin_file, data, "image_features.networks = [@evaluator_network]")  # no Inception here
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert t.seconds < SMOKE_S, t  # gin/smoke.gin: well under 3 minutes, start-up included
+    proc = launch(tmp_path, gin_file, data, "image_features.networks = [@evaluator_network]")  # no Inception here
+    assert proc.returncode == 0, proc.stderr[-3000:]  # its time: bench/smoke_times.py (no timed asserts in tests)
     c, parent, kids = _runs(tmp_path, gin_file.removesuffix(".gin"))
     assert parent.info.status == "FINISHED" and set(kids) == STAGES
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from budget import FAST_FAIL_S, SMOKE_S, took  # tests/, on sys.path
+from budget import FAST_FAIL_S, took  # tests/, on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS, SMOKE = str(ROOT / "gin" / "digits.gin"), str(ROOT / "gin" / "smoke.gin")
@@ -36,10 +36,8 @@ def artifacts(c, run_id: str, path: str = "") -> set[str]:
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("digits")
-    with took() as t:
-        proc = launch(cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert t.seconds < SMOKE_S, t  # gin/smoke.gin: well under 3 minutes with start-up
+    proc = launch(cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # its time: bench/smoke_times.py (no timed asserts in tests)
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")

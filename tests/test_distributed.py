@@ -229,7 +229,7 @@ def test_torchrun_launch_tracks_once_and_resumes_after_ctrl_c(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, out
     assert err.count("dlsm: interrupted; relaunch") == 1, err[-3000:]  # rank 0 alone prints
-    (rundir,) = (tmp_path / "work" / "moons").iterdir()
+    (rundir,) = [p for p in (tmp_path / "work" / "moons").iterdir() if p.is_dir()]  # beside it: <hash>.lock
     # usually stopped inside stage2-ce (a fast machine may get further): a later stage resumes all the same
     assert 0 < torch.load(rundir / "classifier-ce.pt", weights_only=True)["step"] <= 400
 

@@ -28,6 +28,17 @@ from dlsm.math.schedules import (
 SETTINGS = settings(max_examples=25, deadline=None)
 
 
+@pytest.fixture(autouse=True)
+def _no_gin_bindings():
+    """noise_schedule is a gin configurable: a test that parsed a gin file before this one on the same worker
+    (pytest-xdist) must not change its defaults here."""
+    import gin
+
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
 def _phi(x: float) -> float:
     """Standard normal CDF via erf (independent of scipy.special.ndtr used by the library)."""
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
