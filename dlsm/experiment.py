@@ -109,9 +109,10 @@ def _stops_here(stage: Callable, stop_after: str | None) -> bool:
 
 
 def _on_every_rank(stage: Callable) -> bool:
-    """The training stages run on every rank (DDP, in lockstep); the other stages on rank 0 alone."""
-    return any(inspect.unwrap(stage) is inspect.unwrap(s) for s in (st.train_score_model, st.train_classifiers,
-                                                                       st.posterior_sm))
+    """The training stages run on every rank (DDP, in lockstep), and so does sampling (each rank draws its share of
+    the units) with the stages that add sampled methods; the other stages run on rank 0 alone."""
+    return any(inspect.unwrap(stage) is inspect.unwrap(s) for s in (
+        st.train_score_model, st.train_classifiers, st.posterior_sm, st.parzen_oracle, st.exact_likelihood, st.sample))
 
 
 def run_experiment(
@@ -129,9 +130,10 @@ def run_experiment(
 
     Under torchrun (:mod:`dlsm.train.distributed`) every rank calls this: rank 0 alone tracks in MLflow (one parent
     run) and decides whether to resume, and its decisions and user errors reach every rank. The training stages
-    (score model, classifiers, posterior SM) run on every rank with DistributedDataParallel; sampling,
-    evaluation, figures and any other stage run on rank 0 alone while the other ranks return (their metrics are
-    only the training timings): sampling is not sped up by more GPUs."""
+    (score model, classifiers, posterior SM) run on every rank with DistributedDataParallel; sampling runs on every
+    rank, each drawing its share of the units, and rank 0 gathers them (:mod:`dlsm.stages.units`); evaluation,
+    figures and any other stage run on rank 0 alone while the other ranks return (their metrics are only the
+    timings)."""
     chash = cfg.config_hash()
     with contextlib.ExitStack() as held:  # rank 0 holds the folder's lock for the run; a refusal stops every rank
         dist.from_main(lambda: held.enter_context(rundir_lock(spec, chash)))

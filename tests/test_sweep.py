@@ -156,3 +156,23 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
         run = c.get_run(run_id)
         assert run.data.params["macro.LAM"] == lam and run.info.end_time == end_time
         assert {k: v for k, v in run.data.metrics.items() if k in metrics} == metrics
+
+
+def test_fractional_gpu_trials_on_logical_gpus_fall_back_to_the_cpu(tmp_path):
+    """Issue 24, item 6: Ray started with 2 logical GPUs (``sweep.logical_gpus``) on this CPU machine packs trials of
+    ``gpus_per_trial = 0.5`` four at once (CPUs are not the limit: 0.25 each), gives each the CUDA_VISIBLE_DEVICES of
+    its half GPU, and ``device.name = 'auto'`` then runs every trial on the CPU, saying so in one line."""
+    params = [*TINY, "sweep.cpus_per_trial = 0.25", "sweep.gpus_per_trial = 0.5", "sweep.logical_gpus = 2"]
+    proc = sweep(tmp_path, "sweep_lambda.py", "--values", "0.1", "0.2", "0.4", "0.8", params=params)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = client(tmp_path)
+    exp = c.get_experiment_by_name("moons")
+    (sweep_run,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'sweep'")
+    assert "'gpu': 0.5" in sweep_run.data.params["sweep.resources"]
+    trials = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{sweep_run.info.run_id}'")
+    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
+    assert sorted(t.data.tags["dlsm.cuda_visible_devices"] for t in trials) == ["0", "0", "1", "1"]
+    assert {t.data.params["device"] for t in trials} == {"cpu"}
+    spans = [(float(t.data.tags["dlsm.trial_started"]), float(t.data.tags["dlsm.trial_ended"])) for t in trials]
+    latest_start, first_end = max(s for s, _ in spans), min(e for _, e in spans)
+    assert latest_start < first_end, f"the four trials did not all run at once: {spans}"

@@ -48,6 +48,9 @@ INCEPTION_WEIGHTS_URL = (
 )
 _WEIGHTS_FILE = INCEPTION_WEIGHTS_URL.rsplit("/", 1)[1]
 _BATCH = 10_000  # feature rows per torchmetrics update: bounds the float64 copy to 10,000 x D
+# The features are already every sample's (rank 0 gathers them, dlsm.stages.units): a metric must not gather across
+# torchrun ranks in compute(), which the other ranks, not evaluating, would never join (gloo "Connection closed").
+_LOCAL = {"sync_on_compute": False}
 
 
 class _Precomputed(nn.Module):
@@ -107,7 +110,7 @@ def fid_from_features(real: Tensor, fake: Tensor) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     real, fake = _pair(real, fake)
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), normalize=False).to(real.device)
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), normalize=False, **_LOCAL).to(real.device)
     _feed(metric, real, real=True)
     _feed(metric, fake, real=False)
     return float(metric.compute())
@@ -145,7 +148,7 @@ def kid_from_features(
         raise ConfigError(f"kid.subsets must be a positive integer, e.g. 100, got {subsets!r}")
     metric = _quiet(lambda: KernelInceptionDistance(
         feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=subset_size, degree=degree,
-        gamma=None if gamma is None else float(gamma), coef=float(coef)))
+        gamma=None if gamma is None else float(gamma), coef=float(coef), **_LOCAL))
     metric = metric.to(real.device)
     _feed(metric, real, real=True)
     _feed(metric, fake, real=False)
@@ -173,7 +176,8 @@ def inception_score_from_logits(logits: Tensor, *, splits: int = 10, seed: int |
     if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= logits.shape[0]:
         raise ConfigError(f"inception_score.splits must be an integer in [1, {logits.shape[0]}] (the number of "
                           f"samples), got {splits!r}")
-    metric = _quiet(lambda: InceptionScore(feature=_Precomputed(logits.shape[1]), splits=splits, normalize=False))
+    metric = _quiet(lambda: InceptionScore(feature=_Precomputed(logits.shape[1]), splits=splits, normalize=False,
+                                           **_LOCAL))
     metric = metric.to(logits.device)
     _feed(metric, logits)
     with torch.random.fork_rng(devices=[], enabled=seed is not None), warnings.catch_warnings():

@@ -178,8 +178,11 @@ class FeatureStream:
 
     def add(self, method: str, images: Tensor, labels: Tensor) -> None:
         for net in self.nets:
-            f, logits = net.extract(images)
-            self._parts.setdefault((net.name, method), []).append((f, logits, labels.cpu()))
+            self.add_features(net.name, method, *net.extract(images), labels)
+
+    def add_features(self, net: str, method: str, features: Tensor, logits: Tensor, labels: Tensor) -> None:
+        """Features and logits that ``net`` already extracted from images of ``method`` (e.g. on another rank)."""
+        self._parts.setdefault((net, method), []).append((features, logits, labels.cpu()))
 
     def get(self, net: str, method: str) -> tuple[Tensor, Tensor, Tensor] | None:
         parts = self._parts.get((net, method))

@@ -16,13 +16,16 @@ from collections.abc import Callable
 import gin
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dlsm import config as cfg
-from dlsm.errors import ConfigError
+from dlsm.errors import CheckpointError, ConfigError
 from dlsm.files import write_atomic
 from dlsm.math.samplers import prior_sample
 from dlsm.report.plots import paper_order
 from dlsm.stages.base import Run, State
+from dlsm.stages.units import Unit, UnitStore, networks_digest, plan_units, share
+from dlsm.train import distributed as dist
 from dlsm.train.device import make_generator
 
 __all__ = [
@@ -138,56 +141,91 @@ def sample(
 ) -> State:
     """Sampling (child run ``sampling``): M_i = ``n_per_class`` samples of every class i for every method
     (default: the class's count in the training data), in batches of ``batch_size`` (default: a class
-    at once), with ``experiment.sampler`` on the device. The generator of method j and class c is
-    seeded with seed + 41 + 100 j + c, or seed + 41 + c for every method with ``same_noise`` (the same
-    starting noise and Langevin noise for base, scaling and ours: the paper's Figure 3).
+    at once), with ``experiment.sampler`` on the device.
 
-    ``stream_features`` (images): the feature networks of the evaluation (``image_features``) see each batch as
-    it is generated (uint8, as saved); ``image_metrics`` then uses these features instead of a second pass."""
+    The work is split into units (method, class, batch; :mod:`dlsm.stages.units`), each drawn from its own
+    generator: batch 0 of method j and class c is seeded with seed + 41 + 100 j + c, or seed + 41 + c for every
+    method with ``same_noise`` (the same starting noise and Langevin noise for base, scaling and ours: the paper's
+    Figure 3); later batches get seeds of their own. Under torchrun every rank draws its share of the units; each
+    finished unit is saved in ``{rundir}/sampling/`` so a relaunch after a kill draws only the missing ones; rank 0
+    gathers them, saves the ``.npz`` files and logs. The samples are the same for any number of processes.
+
+    ``stream_features`` (images): the feature networks of the evaluation (``image_features``) see each unit as
+    it is drawn (uint8, as saved), on the rank that drew it; ``image_metrics`` then uses these features instead of
+    a second pass."""
     spec, data, schedule = run.spec, state.data, state.schedule
     counts = class_counts(data, n_per_class)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"sample.batch_size must be a positive integer or None, got {batch_size!r}")
     image = _is_image(data)
-    decoded: dict[str, dict[int, torch.Tensor]] = {}  # images: method -> class -> uint8 samples
+    methods = state.methods(spec)
+    units = plan_units(methods, counts, batch_size, spec.seed, same_noise=same_noise)
+    store = UnitStore(run.rundir / "sampling", cfg.config_hash(), {n: networks_digest(s) for n, s in methods.items()})
+    pending = [u for u in share(units, dist.rank(), dist.world_size()) if store.load(u) is None]
+    nets = None
+    if stream_features and image:
+        from dlsm.stages.evaluate import feature_nets
+
+        nets = dist.main_first(lambda: feature_nets(run, state))  # rank 0 builds (and caches) the evaluator first
     with run.tracker.stage(run.parent_id, "sampling"):
         t0 = time.perf_counter()
         run.tracker.log_params({**run.params, "alpha": spec.alpha, "n_per_class": str(counts)})
-        stream = None
-        if stream_features and image:
-            from dlsm.eval.images import FeatureStream
-            from dlsm.stages.evaluate import feature_nets
-
-            stream = state.stream = FeatureStream(feature_nets(run, state))
-
-        def streamer(name: str, c: int) -> Callable[[torch.Tensor], None] | None:
-            if stream is None:
-                return None
-            return lambda x: stream.add(name, data.decode(x), torch.full((len(x),), c, dtype=torch.int64))
-
-        for j, (name, scores) in enumerate(state.methods(spec).items()):
-            state.samples[name] = {
-                c: sample_class(spec.sampler, scores.posterior_fn(c), schedule, tuple(data.shape), counts[c],
-                                seed=run.seed(41 + (0 if same_noise else 100 * j) + c), device=run.device,
-                                batch_size=batch_size, on_batch=streamer(name, c)).cpu()
-                for c in range(data.num_classes)
-            }
-            path = run.rundir / f"samples-{name}.npz"
-            if image:
-                decoded[name] = {c: data.decode(s) for c, s in state.samples[name].items()}
-                x = torch.cat(list(decoded[name].values()))
-                y = torch.cat([torch.full((len(s),), c) for c, s in decoded[name].items()])
-                write_atomic(path, lambda f, x=x, y=y: np.savez_compressed(f, x=x.numpy(), y=y.numpy()))
-                _log_png(run, image_grid(decoded[name], grid_columns), f"images/grid-{name}.png", name)
-            else:
-                arrays = {f"c{c}": x.numpy() for c, x in state.samples[name].items()}
-                write_atomic(path, lambda f, arrays=arrays: np.savez_compressed(f, **arrays))
-            run.tracker.log_artifact(path, "samples")
-        if image:
-            _figure3(run, decoded, min(grid_columns, 4))
+        if dist.is_main() and len(pending) < len(units) // dist.world_size():
+            print(f"dlsm: sampling resumes from {store.folder}: {len(units) - len(pending)} of {len(units)} units "
+                  "are drawn (or left to other ranks)")
+        for unit in tqdm(pending, desc="sampling", unit="unit", disable=not dist.is_main()):
+            x = sample_class(spec.sampler, methods[unit.method].posterior_fn(unit.c), schedule, tuple(data.shape),
+                             unit.n, seed=unit.seed, device=run.device).cpu()
+            features = {net.name: net.extract(data.decode(x)) for net in nets} if nets else None
+            store.save(unit, x, features)
+        dist.barrier()  # every rank's units are on disk
+        if not dist.is_main():
+            return state
+        _gather(run, state, units, store, nets, image=image, grid_columns=grid_columns)
         run.timings["time/sampling_s"] = time.perf_counter() - t0
-        run.tracker.log_metrics({"wall_seconds": run.timings["time/sampling_s"]})
+        run.tracker.log_metrics({"wall_seconds": run.timings["time/sampling_s"], "units": len(units),
+                                 "units_resumed": len(units) // dist.world_size() - len(pending)})
     return state
+
+
+def _gather(
+    run: Run, state: State, units: list[Unit], store: UnitStore, nets: list | None, *, image: bool, grid_columns: int,
+) -> None:
+    """Rank 0: every unit from the store in plan order into ``state.samples`` (and ``state.stream``), the
+    ``samples-{method}.npz`` files, the grids and Figure 3."""
+    data = state.data
+    parts: dict[str, dict[int, list[torch.Tensor]]] = {}
+    stream = None
+    if nets:
+        from dlsm.eval.images import FeatureStream
+
+        stream = state.stream = FeatureStream(nets)
+    for unit in units:
+        saved = store.load(unit)
+        if saved is None:
+            raise CheckpointError(f"sampling unit {unit.key} is missing from {store.folder} after every rank "
+                                  "finished: does every process see that folder?")
+        parts.setdefault(unit.method, {}).setdefault(unit.c, []).append(saved["x"])
+        if stream is not None:
+            labels = torch.full((unit.n,), unit.c, dtype=torch.int64)
+            for net in nets:
+                stream.add_features(net.name, unit.method, *saved["features"][net.name], labels)
+    decoded: dict[str, dict[int, torch.Tensor]] = {}  # images: method -> class -> uint8 samples
+    for name, per_class in parts.items():
+        state.samples[name] = {c: torch.cat(xs) for c, xs in per_class.items()}
+        path = run.rundir / f"samples-{name}.npz"
+        if image:
+            decoded[name] = {c: data.decode(s) for c, s in state.samples[name].items()}
+            x = torch.cat(list(decoded[name].values()))
+            y = torch.cat([torch.full((len(s),), c) for c, s in decoded[name].items()])
+            write_atomic(path, lambda f, x=x, y=y: np.savez_compressed(f, x=x.numpy(), y=y.numpy()))
+            _log_png(run, image_grid(decoded[name], grid_columns), f"images/grid-{name}.png", name)
+        else:
+            arrays = {f"c{c}": x.numpy() for c, x in state.samples[name].items()}
+            write_atomic(path, lambda f, arrays=arrays: np.savez_compressed(f, **arrays))
+        run.tracker.log_artifact(path, "samples")
+    if image:
+        _figure3(run, decoded, min(grid_columns, 4))
 
 
 def _counts_ok(value: object) -> str | None:
