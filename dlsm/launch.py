@@ -8,7 +8,8 @@ checkpoint: relaunch the same command to resume. ``--traceback`` shows the full 
 Several GPUs: ``torchrun --nproc_per_node N -m dlsm.launch --gin FILE ...`` runs the same command in N
 processes (:mod:`dlsm.train.distributed`): the training stages use DistributedDataParallel with ``train.batch_size``
 as the global batch, rank 0 alone tracks in MLflow and writes checkpoints, every rank draws its share of the
-sampling units (:mod:`dlsm.stages.units`), and evaluation runs on rank 0. Errors and results are printed once, by rank 0; a user error, a NaN loss or a Ctrl-C stops every rank.
+sampling units (:mod:`dlsm.stages.units`), and evaluation runs on rank 0. Errors and results are printed once,
+by rank 0; a user error, a NaN loss or a Ctrl-C stops every rank.
 An error on one rank alone (a programming error, a lost MLflow server) leaves torchrun to stop the others.
 """
 

@@ -118,3 +118,23 @@ def test_cuda_generator_lives_on_the_gpu_and_reproduces():
     assert torch.equal(x, torch.randn(1000, generator=b, device=b.device))
     assert not torch.equal(x, torch.randn(1000, generator=make_generator(6, "cuda"), device=a.device))
     assert resolve_device("cuda") == x.device  # the index is filled in, so it compares equal to tensors' devices
+
+
+def test_auto_with_gpus_assigned_but_none_usable_runs_on_the_cpu_in_one_line(monkeypatch, capsys):
+    """A Ray trial given (logical) GPUs gets CUDA_VISIBLE_DEVICES; where torch sees no GPU, 'auto' is the CPU, said
+    once per process in one line; 'cpu' says nothing, and without CUDA_VISIBLE_DEVICES 'auto' says nothing."""
+    from dlsm.train import device as device_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device_module, "_SAID", set())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert device_module.resolve_device("auto") == torch.device("cpu")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert device_module.resolve_device("cpu") == torch.device("cpu")
+    assert capsys.readouterr().err == ""
+    for _ in range(3):
+        assert device_module.resolve_device("auto") == torch.device("cpu")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["dlsm: device 'auto': CUDA_VISIBLE_DEVICES=1 but torch sees no CUDA GPU (a CPU build, no driver, "
+                     "or logical GPUs); running on the CPU"]

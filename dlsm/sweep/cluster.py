@@ -186,12 +186,13 @@ def preflight(address: str | None, *, dashboard: bool = False, timeout: float = 
 
 
 def connect(address: str | None = None, *, dashboard: bool = False, extra_env: dict[str, str] | None = None,
-            checked: bool = False) -> Connection:
+            checked: bool = False, num_gpus: float | None = None) -> Connection:
     """Start a loopback-only Ray (``address`` None and no ``RAY_ADDRESS``) or join an existing cluster.
 
-    ``extra_env`` is added to the trials' environment (``runtime_env``). Raises ConfigError with one
-    line when the cluster cannot be reached or refuses the driver's token; ``checked=True`` when the caller
-    ran :func:`preflight` already (a sweep does, before its shared stages)."""
+    ``extra_env`` is added to the trials' environment (``runtime_env``). ``num_gpus`` (a Ray started here): the GPUs
+    Ray announces, whatever the machine has (``sweep.logical_gpus``); a cluster's own count otherwise. Raises
+    ConfigError with one line when the cluster cannot be reached or refuses the driver's token; ``checked=True`` when
+    the caller ran :func:`preflight` already (a sweep does, before its shared stages)."""
     if not checked:
         preflight(address, dashboard=dashboard)
     address, local, env, source = _prepare(address)
@@ -203,7 +204,8 @@ def connect(address: str | None = None, *, dashboard: bool = False, extra_env: d
         with _patched_ray(dashboard):
             # 'local': always a new instance; None would join a `ray start` cluster found on this machine
             ctx = ray.init(address="local", include_dashboard=dashboard, dashboard_host=LOOPBACK,
-                           _node_ip_address=LOOPBACK, **common)
+                           _node_ip_address=LOOPBACK, **({"num_gpus": num_gpus} if num_gpus is not None else {}),
+                           **common)
         return Connection(ray.get_runtime_context().gcs_address, True, env, ctx.dashboard_url or None)
     try:
         ctx = ray.init(address=address, **({"_node_ip_address": LOOPBACK} if local and address != "auto" else {}),

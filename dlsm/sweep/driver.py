@@ -183,7 +183,10 @@ def run_sweep(
     tracker = Tracker(spec.name)
     t0 = time.perf_counter()
     # the environment is set before Ray is imported (Ray reads it at import)
-    conn = connect(address, dashboard=settings.dashboard, extra_env=env, checked=True)
+    if settings.logical_gpus is not None and address is not None:
+        raise ConfigError("sweep.logical_gpus applies only to a Ray the sweep starts itself; a cluster given with "
+                          "--address announces its own GPUs (ray start --num-gpus)")
+    conn = connect(address, dashboard=settings.dashboard, extra_env=env, checked=True, num_gpus=settings.logical_gpus)
     if conn.dashboard_url:
         print(f"dlsm: Ray dashboard at http://{conn.dashboard_url}")
     env = {**conn.env, **env}

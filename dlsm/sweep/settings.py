@@ -26,6 +26,7 @@ class SweepSettings:
     grace_period: int
     report_every: int
     dashboard: bool = False
+    logical_gpus: float | None = None
 
 
 @gin.configurable
@@ -41,6 +42,7 @@ def sweep(
     grace_period: int = 4,
     report_every: int = 1,
     dashboard: bool = False,
+    logical_gpus: float | None = None,
 ) -> SweepSettings:
     """Sweep settings. ``metric`` is a final metric of the trial's experiment, averaged over classes
     when it has no ``/c{k}/`` part (``total/D_L_grid/s7.5`` is the mean of ``total/c*/D_L_grid/s7.5``),
@@ -50,7 +52,11 @@ def sweep(
     metric). ``gpus_per_trial`` applies only where the cluster has GPUs (fractions such as 0.25 pack
     small trials onto one GPU); elsewhere trials take ``cpus_per_trial`` CPUs. A failed trial is
     retried ``max_failures`` times. ``max_concurrent_trials = 0`` lets Ray decide. ``dashboard = True``
-    starts Ray's dashboard (on 127.0.0.1) with a Ray the sweep starts itself; see :mod:`dlsm.sweep.cluster`."""
+    starts Ray's dashboard (on 127.0.0.1) with a Ray the sweep starts itself; see :mod:`dlsm.sweep.cluster`.
+    ``logical_gpus`` (a Ray the sweep starts itself): announce that many GPUs to Ray whatever the machine has, as
+    ``ray start --num-gpus`` does; Ray then packs ``gpus_per_trial`` onto them and sets each trial's
+    ``CUDA_VISIBLE_DEVICES``. It is how GPU packing is checked on a CPU machine; trials there fall back to the CPU
+    (``device.name = 'auto'``)."""
     if mode not in ("min", "max"):
         raise ConfigError(f"sweep.mode must be 'min' or 'max', got {mode!r}")
     if scheduler not in ("grid", "asha"):
@@ -60,5 +66,9 @@ def sweep(
     if max_failures < 0 or max_concurrent_trials < 0 or grace_period < 1 or report_every < 1:
         raise ConfigError("sweep.max_failures and max_concurrent_trials must be >= 0, grace_period and "
                           "report_every >= 1")
+    if logical_gpus is not None and (isinstance(logical_gpus, bool) or not isinstance(logical_gpus, (int, float))
+                                     or not logical_gpus >= 0):
+        raise ConfigError(f"sweep.logical_gpus must be None or a number >= 0, got {logical_gpus!r}")
     return SweepSettings(metric, mode, scheduler, float(gpus_per_trial), float(cpus_per_trial), max_failures,
-                         max_concurrent_trials, grace_period, report_every, bool(dashboard))
+                         max_concurrent_trials, grace_period, report_every, bool(dashboard),
+                         None if logical_gpus is None else float(logical_gpus))

@@ -58,14 +58,14 @@ def run_trial(trial_config: dict, setup: dict) -> None:
                 run_id = mlflow.active_run().data.tags.get("mlflow.parentRunId", "")
                 tune.report({metric: named[metric], "step": step, "value": value, "mlflow_run_id": run_id})
 
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
     done = _finished_trial(spec.name, config["sweep_run_id"])
     if done is not None:  # finished before an interruption, but Tune had not recorded it: report it again
         result = done
     else:
         result = run_experiment(spec, parent_run_id=config["sweep_run_id"], run_name=f"{config['param']}={value}",
                                 on_metrics=on_metrics)
-    _tag_cluster(result.run_id)
+    _tag_cluster(result.run_id, started=t0_wall)
     score = class_mean(result.metrics, metric)
     if score is None:  # a training metric: its last value
         score = count["last"]
@@ -74,8 +74,9 @@ def run_trial(trial_config: dict, setup: dict) -> None:
                  "trial_compute_s": time.perf_counter() - t0, "mlflow_run_id": result.run_id})
 
 
-def _tag_cluster(run_id: str) -> None:
-    """Record on the trial's MLflow run which Ray cluster (GCS address) and node ran it."""
+def _tag_cluster(run_id: str, *, started: float) -> None:
+    """Record on the trial's MLflow run which Ray cluster (GCS address) and node ran it, the GPUs Ray gave it
+    (``CUDA_VISIBLE_DEVICES`` as Ray set it, ``-`` when unset) and when it ran (wall-clock seconds since the epoch)."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -83,6 +84,9 @@ def _tag_cluster(run_id: str) -> None:
     client = MlflowClient()
     client.set_tag(run_id, "dlsm.ray_cluster", ctx.gcs_address)
     client.set_tag(run_id, "dlsm.ray_node", ctx.get_node_id())
+    client.set_tag(run_id, "dlsm.cuda_visible_devices", os.environ.get("CUDA_VISIBLE_DEVICES", "-"))
+    client.set_tag(run_id, "dlsm.trial_started", f"{started:.3f}")
+    client.set_tag(run_id, "dlsm.trial_ended", f"{time.time():.3f}")
 
 
 def _finished_trial(experiment_name: str, sweep_run_id: str):

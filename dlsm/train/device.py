@@ -8,7 +8,9 @@ noise there, without host round trips; on the CPU the streams are those of ``tor
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 import gin
 import torch
@@ -38,6 +40,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     kind, index = match.group(1), match.group(2)
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
+        if kind == "cpu":
+            _say_cpu_fallback()
     if kind == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -56,6 +60,19 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise ConfigError(f"device = {name!r} names one GPU, but torchrun runs {world_size()} processes, one per GPU; "
                           "use device = 'auto' or 'cuda' (process k then uses cuda:k)")
     return torch.device("cuda", i)
+
+
+_SAID: set[str] = set()
+
+
+def _say_cpu_fallback() -> None:
+    """One line, once per process, when GPUs were assigned (``CUDA_VISIBLE_DEVICES``, e.g. by Ray for a trial with
+    ``sweep.gpus_per_trial``) but torch sees none: ``'auto'`` runs on the CPU instead of failing."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if visible and visible not in _SAID:
+        _SAID.add(visible)
+        print(f"dlsm: device 'auto': CUDA_VISIBLE_DEVICES={visible} but torch sees no CUDA GPU (a CPU build, no "
+              "driver, or logical GPUs); running on the CPU", file=sys.stderr)
 
 
 @gin.configurable
