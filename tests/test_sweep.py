@@ -87,12 +87,13 @@ def test_sweep_where_every_trial_fails_exits_non_zero(tmp_path):
     assert "n_iters" in last[-1], last[-1]
 
 
-@pytest.mark.parametrize(("binding", "needle"), [
-    ("sweep.scheduler = 'bogus'", "sweep.scheduler"),
-    ("sweep.logical_gpus = -1", "sweep.logical_gpus must be None or a number >= 0"),
+@pytest.mark.parametrize(("binding", "args", "needle"), [
+    ("sweep.scheduler = 'bogus'", (), "sweep.scheduler"),
+    ("sweep.logical_gpus = -1", (), "sweep.logical_gpus must be None or a number >= 0"),
+    ("sweep.logical_gpus = 2", ("--address", "127.0.0.1:9"), "sweep.logical_gpus applies only to a Ray the sweep"),
 ])
-def test_bad_sweep_setting_is_one_line(tmp_path, binding, needle):
-    proc = sweep(tmp_path, "sweep_lambda.py", "--values", "0.1", params=[*TINY, binding], timeout=120)
+def test_bad_sweep_setting_is_one_line(tmp_path, binding, args, needle):
+    proc = sweep(tmp_path, "sweep_lambda.py", "--values", "0.1", *args, params=[*TINY, binding], timeout=120)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
 

@@ -71,7 +71,7 @@ def _check_values(gin_files: Sequence[str], gin_params: Sequence[str], param: st
 def _check_before_training(spec, settings: SweepSettings, sweep_name: str, *, address: str | None,
                            resume: bool) -> None:
     """What fails in one line before stage 1 trains: the MLflow store, the workdir, reused run ids, ``--resume``
-    without an interrupted sweep, and the Ray cluster or its token."""
+    without an interrupted sweep, logical GPUs asked of a cluster, and the Ray cluster or its token."""
     from dlsm.experiment import check_workdir
     from dlsm.tracking import Tracker, check_tracking_uri, default_tracking_uri
 
@@ -84,6 +84,9 @@ def _check_before_training(spec, settings: SweepSettings, sweep_name: str, *, ad
     if resume and _unfinished_sweep(Tracker(spec.name), sweep_name) is None:
         raise ConfigError(f"--resume: no interrupted sweep {sweep_name} in {default_tracking_uri()}; "
                           "run without --resume to start it")
+    if settings.logical_gpus is not None and address is not None:
+        raise ConfigError("sweep.logical_gpus applies only to a Ray the sweep starts itself; a cluster given with "
+                          "--address announces its own GPUs (ray start --num-gpus)")
     preflight(address, dashboard=settings.dashboard)
 
 
@@ -183,9 +186,6 @@ def run_sweep(
     tracker = Tracker(spec.name)
     t0 = time.perf_counter()
     # the environment is set before Ray is imported (Ray reads it at import)
-    if settings.logical_gpus is not None and address is not None:
-        raise ConfigError("sweep.logical_gpus applies only to a Ray the sweep starts itself; a cluster given with "
-                          "--address announces its own GPUs (ray start --num-gpus)")
     conn = connect(address, dashboard=settings.dashboard, extra_env=env, checked=True, num_gpus=settings.logical_gpus)
     if conn.dashboard_url:
         print(f"dlsm: Ray dashboard at http://{conn.dashboard_url}")
