@@ -44,8 +44,14 @@ def test_class_mean():
     assert class_mean(m, "total/precision") is None
 
 
-def test_lambda_sweep_three_trials_as_mlflow_children(tmp_path):
-    proc = sweep(tmp_path, "sweep_lambda.py", "--values", "0.05", "0.5", "5.0")
+def test_lambda_sweep_four_fractional_gpu_trials_as_mlflow_children(tmp_path):
+    """A lambda sweep of 4 trials, each an MLflow child run reusing one shared stage 1; and (issue 24, item 6) GPU
+    packing without a GPU: Ray started with 2 logical GPUs (``sweep.logical_gpus``) runs trials of
+    ``gpus_per_trial = 0.5`` four at once (CPUs are not the limit: 0.25 each), gives each the CUDA_VISIBLE_DEVICES
+    of its half GPU, and ``device.name = 'auto'`` then runs every trial on the CPU (the line it prints:
+    tests/test_device.py)."""
+    params = [*TINY, "sweep.cpus_per_trial = 0.25", "sweep.gpus_per_trial = 0.5", "sweep.logical_gpus = 2"]
+    proc = sweep(tmp_path, "sweep_lambda.py", "--values", "0.05", "0.5", "5.0", "50.0", params=params)
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = client(tmp_path)
     exp = c.get_experiment_by_name("moons")
@@ -53,8 +59,8 @@ def test_lambda_sweep_three_trials_as_mlflow_children(tmp_path):
     assert sweep_run.info.status == "FINISHED"
     trials = c.search_runs([exp.experiment_id],
                            filter_string=f"tags.`mlflow.parentRunId` = '{sweep_run.info.run_id}'")
-    assert len(trials) == 3
-    assert sorted(float(t.data.params["macro.LAM"]) for t in trials) == [0.05, 0.5, 5.0]
+    assert len(trials) == 4
+    assert sorted(float(t.data.params["macro.LAM"]) for t in trials) == [0.05, 0.5, 5.0, 50.0]
     for t in trials:
         assert t.info.status == "FINISHED"
         for key in ("total/c0/D_L_grid/s7.5", "total/c1/D_L_grid/s7.5", "ce/c0/precision", "total/ce/s7.5"):
@@ -74,7 +80,13 @@ def test_lambda_sweep_three_trials_as_mlflow_children(tmp_path):
     assert {"results.md", "plots/metric_vs_value.png"} <= arts
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
     values = [float(r.split("|")[2]) for r in rows]
-    assert len(rows) == 3 and values == sorted(values)
+    assert len(rows) == 4 and values == sorted(values)
+    # GPU packing: 2 trials on each logical GPU, all 4 at once, on the CPU
+    assert "'gpu': 0.5" in sweep_run.data.params["sweep.resources"]
+    assert sorted(t.data.tags["dlsm.cuda_visible_devices"] for t in trials) == ["0", "0", "1", "1"]
+    assert {t.data.params["device"] for t in trials} == {"cpu"}
+    spans = [(float(t.data.tags["dlsm.trial_started"]), float(t.data.tags["dlsm.trial_ended"])) for t in trials]
+    assert max(s for s, _ in spans) < min(e for _, e in spans), f"the four trials did not all run at once: {spans}"
 
 
 def test_sweep_where_every_trial_fails_exits_non_zero(tmp_path):
@@ -161,22 +173,3 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
         assert run.data.params["macro.LAM"] == lam and run.info.end_time == end_time
         assert {k: v for k, v in run.data.metrics.items() if k in metrics} == metrics
 
-
-def test_fractional_gpu_trials_on_logical_gpus_fall_back_to_the_cpu(tmp_path):
-    """Issue 24, item 6: Ray started with 2 logical GPUs (``sweep.logical_gpus``) on this CPU machine packs trials of
-    ``gpus_per_trial = 0.5`` four at once (CPUs are not the limit: 0.25 each), gives each the CUDA_VISIBLE_DEVICES of
-    its half GPU, and ``device.name = 'auto'`` then runs every trial on the CPU, saying so in one line."""
-    params = [*TINY, "sweep.cpus_per_trial = 0.25", "sweep.gpus_per_trial = 0.5", "sweep.logical_gpus = 2"]
-    proc = sweep(tmp_path, "sweep_lambda.py", "--values", "0.1", "0.2", "0.4", "0.8", params=params)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    c = client(tmp_path)
-    exp = c.get_experiment_by_name("moons")
-    (sweep_run,) = c.search_runs([exp.experiment_id], filter_string="tags.`dlsm.kind` = 'sweep'")
-    assert "'gpu': 0.5" in sweep_run.data.params["sweep.resources"]
-    trials = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{sweep_run.info.run_id}'")
-    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
-    assert sorted(t.data.tags["dlsm.cuda_visible_devices"] for t in trials) == ["0", "0", "1", "1"]
-    assert {t.data.params["device"] for t in trials} == {"cpu"}
-    spans = [(float(t.data.tags["dlsm.trial_started"]), float(t.data.tags["dlsm.trial_ended"])) for t in trials]
-    latest_start, first_end = max(s for s, _ in spans), min(e for _, e in spans)
-    assert latest_start < first_end, f"the four trials did not all run at once: {spans}"
