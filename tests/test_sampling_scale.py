@@ -25,7 +25,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 GIN = ["--gin", str(ROOT / "gin" / "digits32.gin"), "--gin", str(ROOT / "gin" / "smoke.gin")]
 METHODS = ("base", "scaling", "ours")
-FAST = ["image_metrics.with_cas = False"]  # CAS trains a classifier per method: tested in tests/test_digits.py
+# CAS trains a classifier per method: tested in tests/test_digits.py; a class per unit (smoke.gin packs them): 30 units
+FAST = ["image_metrics.with_cas = False", "sample.classes_per_unit = 1"]
 
 
 def _env() -> dict[str, str]:
@@ -107,7 +108,7 @@ def test_two_processes_sample_and_evaluate_the_one_process_images(reference):
 
 def test_a_killed_sampling_stage_resumes_with_the_uninterrupted_images(reference):
     cwd, ref_id = reference
-    params = [*_from(ref_id, ".dlsm-k"), "experiment.stages = [@train_score_model, @train_classifiers, @sample]"]
+    params = [*FAST, *_from(ref_id, ".dlsm-k"), "experiment.stages = [@train_score_model, @train_classifiers, @sample]"]
     proc = subprocess.Popen(_launch_cmd(*params), cwd=cwd, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

@@ -18,7 +18,7 @@ from dlsm.math.schedules import NoiseSchedule, geometric_sigmas
 from dlsm.math.scores import ModelScores
 from dlsm.stages.base import ExperimentSpec, Run, State
 from dlsm.stages.sample import sample
-from dlsm.stages.units import Unit, networks_digest, plan_units, share, unit_seed
+from dlsm.stages.units import Unit, networks_digest, pack_seed, plan_units, share, unit_seed
 from dlsm.tracking import NullTracker
 
 sample_module = importlib.import_module("dlsm.stages.sample")  # (dlsm.stages.sample the attribute is the stage)
@@ -185,3 +185,79 @@ def test_units_are_in_their_folder_by_method_class_and_batch(tmp_path: Path):
     assert names == {f"{m}/c{c}-b{b}.pt" for m in METHODS for c in range(CLASSES) for b in range(3)}
     assert Unit("base", 0, 1, 2, 1, 0).key == "base/c1-b2"
 
+
+
+# -- packed units (sample.classes_per_unit) ---------------------------------------------------------------------
+
+
+def test_packing_known_answer():
+    units = plan_units(["base", "exact"], [2, 3, 4, 5], None, SEED, classes_per_unit=3, packable=["base"])
+    assert [(u.method, u.c, u.b, u.n, u.sizes) for u in units] == [
+        ("base", 0, 0, 9, (2, 3, 4)), ("base", 3, 0, 5, ()),  # a block of one class is an ordinary unit
+        ("exact", 0, 0, 2, ()), ("exact", 1, 0, 3, ()), ("exact", 2, 0, 4, ()), ("exact", 3, 0, 5, ()),
+    ]
+    assert units[0].seed == pack_seed(SEED, 0, 0, 3) and units[1].seed == SEED + 41 + 3
+    assert units[0].labels.tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 2] and units[0].key == "base/c0-2"
+    # with a batch size, a packed unit holds at most one batch: 2 + 3 fit in 6, 4 more do not
+    units = plan_units(["base"], [2, 3, 4, 5], 6, SEED, classes_per_unit=3, packable=["base"])
+    assert [(u.c, u.b, u.n, u.sizes) for u in units] == [(0, 0, 5, (2, 3)), (2, 0, 4, ()), (3, 0, 5, ())]
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 12), min_size=1, max_size=12), batch=st.one_of(st.none(), st.integers(1, 30)),
+       k=st.integers(1, 12))
+def test_packed_plans_draw_every_class_exactly_its_count(counts, batch, k):
+    units = plan_units(["a", "b"], counts, batch, SEED, classes_per_unit=k, packable=["a"])
+    for name in ("a", "b"):
+        got = [0] * len(counts)
+        for u in (u for u in units if u.method == name):
+            assert len(u.sizes) <= k and (batch is None or not u.sizes or u.n <= batch)
+            for c, m in zip(u.classes, u.sizes or (u.n,), strict=True):
+                got[c] += m
+        assert got == counts
+    assert all(not u.sizes for u in units if u.method == "b")  # not packable: one class per unit
+
+
+class LabelScores:
+    """Gaussian class scores that take a label per sample (as ModelScores does), every call counted."""
+
+    labels_per_sample = True
+
+    def __init__(self, mu: float) -> None:
+        self.mu = torch.tensor(mu)
+
+    def posterior_fn(self, y):
+        def fn(x, sigma):
+            CountingScores.calls += 1
+            shift = y[:, None].to(x.dtype) if isinstance(y, torch.Tensor) else y
+            return -(x - (self.mu + shift)) / (1.0 + sigma[:, None] ** 2)
+
+        return fn
+
+
+def test_a_packed_unit_is_one_sampler_run_over_its_classes(tmp_path: Path):
+    methods = {"base": LabelScores(0.0), "ours": LabelScores(2.0)}
+    CountingScores.calls = 0
+    out = sample(_run(tmp_path), _state(methods), n_per_class=N, classes_per_unit=2).samples
+    assert CountingScores.calls == 2 * 2 * CALLS_PER_UNIT  # per method: classes {0, 1} packed, class 2 alone
+    for j, (name, scores) in enumerate(methods.items()):
+        gen = torch.Generator().manual_seed(pack_seed(SEED, j, 0, 2))
+        x0 = SCHEDULE.sigma_max * torch.randn((2 * N, DIM), generator=gen)
+        ref = _sampler(scores.posterior_fn(torch.tensor([0] * N + [1] * N)), x0, SCHEDULE.sigmas, generator=gen)
+        torch.testing.assert_close(torch.cat([out[name][0], out[name][1]]), ref, rtol=0, atol=0)
+        gen = torch.Generator().manual_seed(SEED + 41 + 100 * j + 2)  # class 2: an ordinary unit, its old seed
+        x0 = SCHEDULE.sigma_max * torch.randn((N, DIM), generator=gen)
+        torch.testing.assert_close(out[name][2], _sampler(scores.posterior_fn(2), x0, SCHEDULE.sigmas, generator=gen),
+                                   rtol=0, atol=0)
+    assert {p.name for p in (tmp_path / "sampling" / "base").iterdir()} == {"c0-1.pt", "c2-b0.pt"}
+
+
+def test_model_scores_with_a_label_per_sample_equal_one_label_at_a_time():
+    torch.manual_seed(0)
+    score_model = lambda x, s: -x  # noqa: E731
+    clf = torch.nn.Sequential(torch.nn.Linear(DIM, 8), torch.nn.Tanh(), torch.nn.Linear(8, CLASSES))
+    scores = ModelScores(score_model, lambda x, s: clf(x), alpha=1.5)
+    x, sigma, y = torch.randn(6, DIM), torch.full((6,), 0.5), torch.tensor([0, 2, 1, 1, 0, 2])
+    packed = scores.posterior_fn(y)(x, sigma)
+    for i in range(6):
+        torch.testing.assert_close(packed[i:i + 1], scores.posterior_fn(int(y[i]))(x[i:i + 1], sigma[i:i + 1]))

@@ -105,14 +105,19 @@ class ModelScores:
         with torch.no_grad():
             return self.score_model(x, sigma)
 
-    def likelihood(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int) -> torch.Tensor:
-        labels = torch.full((x.shape[0],), y, dtype=torch.long, device=x.device)
+    labels_per_sample = True  # y may be a tensor of one label per sample (sampling units that pack classes)
+
+    def likelihood(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(y, torch.Tensor):
+            labels = y.to(device=x.device, dtype=torch.long)
+        else:
+            labels = torch.full((x.shape[0],), y, dtype=torch.long, device=x.device)
         return self.alpha * likelihood_score(self.classifier, x, sigma, labels)
 
-    def posterior(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int) -> torch.Tensor:
+    def posterior(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int | torch.Tensor) -> torch.Tensor:
         return self.prior(x, sigma) + self.likelihood(x, sigma, y)
 
-    def posterior_fn(self, y: int) -> ScoreFn:
+    def posterior_fn(self, y: int | torch.Tensor) -> ScoreFn:
         return lambda x, sigma: self.posterior(x, sigma, y)
 
 

@@ -137,7 +137,7 @@ def exact_likelihood(run: Run, state: State, *, alpha: float = 1.0, name: str = 
 @gin.configurable(denylist=["run", "state"])
 def sample(
     run: Run, state: State, *, n_per_class: int | dict | None = None, batch_size: int | None = None,
-    same_noise: bool = False, grid_columns: int = 10, stream_features: bool = False,
+    same_noise: bool = False, grid_columns: int = 10, stream_features: bool = False, classes_per_unit: int = 1,
 ) -> State:
     """Sampling (child run ``sampling``): M_i = ``n_per_class`` samples of every class i for every method
     (default: the class's count in the training data), in batches of ``batch_size`` (default: a class
@@ -152,14 +152,22 @@ def sample(
 
     ``stream_features`` (images): the feature networks of the evaluation (``image_features``) see each unit as
     it is drawn (uint8, as saved), on the rank that drew it; ``image_metrics`` then uses these features instead of
-    a second pass."""
+    a second pass.
+
+    ``classes_per_unit`` > 1 (smoke.gin: many classes of 4 samples): a unit holds up to that many whole classes of a
+    method that takes a label per sample (:class:`~dlsm.math.scores.ModelScores`), as long as they fit in one
+    batch; one network call per level then serves them all. Such units have seeds of their own."""
     spec, data, schedule = run.spec, state.data, state.schedule
     counts = class_counts(data, n_per_class)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"sample.batch_size must be a positive integer or None, got {batch_size!r}")
+    if isinstance(classes_per_unit, bool) or not isinstance(classes_per_unit, int) or classes_per_unit < 1:
+        raise ConfigError(f"sample.classes_per_unit must be a positive integer, got {classes_per_unit!r}")
     image = _is_image(data)
     methods = state.methods(spec)
-    units = plan_units(methods, counts, batch_size, spec.seed, same_noise=same_noise)
+    packable = [n for n, s in methods.items() if getattr(s, "labels_per_sample", False)]
+    units = plan_units(methods, counts, batch_size, spec.seed, same_noise=same_noise,
+                       classes_per_unit=classes_per_unit, packable=packable)
     store = UnitStore(run.rundir / "sampling", cfg.config_hash(), {n: networks_digest(s) for n, s in methods.items()})
     pending = [u for u in share(units, dist.rank(), dist.world_size()) if store.load(u) is None]
     nets = None
@@ -174,7 +182,8 @@ def sample(
             print(f"dlsm: sampling resumes from {store.folder}: {len(units) - len(pending)} of {len(units)} units "
                   "are drawn (or left to other ranks)")
         for unit in tqdm(pending, desc="sampling", unit="unit", disable=not dist.is_main()):
-            x = sample_class(spec.sampler, methods[unit.method].posterior_fn(unit.c), schedule, tuple(data.shape),
+            y = unit.labels.to(run.device) if unit.sizes else unit.c
+            x = sample_class(spec.sampler, methods[unit.method].posterior_fn(y), schedule, tuple(data.shape),
                              unit.n, seed=unit.seed, device=run.device).cpu()
             features = {net.name: net.extract(data.decode(x)) for net in nets} if nets else None
             store.save(unit, x, features)
@@ -205,11 +214,11 @@ def _gather(
         if saved is None:
             raise CheckpointError(f"sampling unit {unit.key} is missing from {store.folder} after every rank "
                                   "finished: does every process see that folder?")
-        parts.setdefault(unit.method, {}).setdefault(unit.c, []).append(saved["x"])
+        for c, x in zip(unit.classes, saved["x"].split(list(unit.sizes or (unit.n,))), strict=True):
+            parts.setdefault(unit.method, {}).setdefault(c, []).append(x)
         if stream is not None:
-            labels = torch.full((unit.n,), unit.c, dtype=torch.int64)
             for net in nets:
-                stream.add_features(net.name, unit.method, *saved["features"][net.name], labels)
+                stream.add_features(net.name, unit.method, *saved["features"][net.name], unit.labels)
     decoded: dict[str, dict[int, torch.Tensor]] = {}  # images: method -> class -> uint8 samples
     for name, per_class in parts.items():
         state.samples[name] = {c: torch.cat(xs) for c, xs in per_class.items()}
@@ -237,6 +246,7 @@ def _counts_ok(value: object) -> str | None:
 
 cfg.constrain(sample, "n_per_class", _counts_ok)  # checked when the config is parsed, before anything trains
 cfg.constrain(sample, "batch_size", lambda v: None if v is None else cfg.positive_int(v))
+cfg.constrain(sample, "classes_per_unit", cfg.positive_int)
 
 
 def _figure3(run: Run, decoded: dict[str, dict[int, torch.Tensor]], n_cols: int) -> None:

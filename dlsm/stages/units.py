@@ -7,15 +7,19 @@ function of (experiment seed, method index, class, batch index) alone. A unit's 
 the unit, not on which process draws it nor on what that process drew before; the stage's ``.npz`` files are the
 units concatenated in plan order (method, class, batch).
 
+With ``sample.classes_per_unit`` > 1, methods that take a label per sample pack whole classes into one unit
+(:func:`plan_units`); the unit is then (method, classes c to c + k - 1), seeded by :func:`pack_seed`.
+
 Sharding (:func:`share`): rank r of a world of w takes units r, r + w, r + 2w, ... of the plan. Any world size
 works (no unit is split); ranks with one unit more than others finish last.
 
 Resuming (:class:`UnitStore`): each finished unit is written atomically to
-``{rundir}/sampling/{method}/c{class}-b{batch}.pt`` with its fingerprint (configuration hash, seed, size and a
-digest of the method's networks). A relaunch after a kill reads the finished units and draws only the others. A
-unit file whose fingerprint differs (another configuration or other networks) is refused with a one-line error,
-never reused; a file that cannot be read is a one-line error too. On several processes the folder doubles as the
-gather: every rank writes its units there and rank 0 reads them all (one machine, or a folder every node sees).
+``{rundir}/sampling/{method}/c{class}-b{batch}.pt`` (``c{first}-{last}.pt`` when packed) with its fingerprint
+(configuration hash, seed, size and a digest of the method's networks). A relaunch after a kill reads the finished
+units and draws only the others. A unit file whose fingerprint differs (another configuration or other networks) is
+refused with a one-line error, never reused; a file that cannot be read is a one-line error too. On several
+processes the folder doubles as the gather: every rank writes its units there and rank 0 reads them all (one
+machine, or a folder every node sees).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch import nn
 from dlsm.errors import CheckpointError
 from dlsm.train.checkpoints import load_checkpoint, save_checkpoint
 
-__all__ = ["LEGACY_BATCH", "Unit", "UnitStore", "networks_digest", "plan_units", "share", "unit_seed"]
+__all__ = ["LEGACY_BATCH", "Unit", "UnitStore", "networks_digest", "pack_seed", "plan_units", "share", "unit_seed"]
 
 LEGACY_BATCH = 0  # batch 0 keeps the seed of the stage before units (seed + 41 + 100 j + c): same samples as before
 
@@ -49,10 +53,19 @@ def unit_seed(seed: int, j: int, c: int, b: int, *, same_noise: bool = False) ->
     return int.from_bytes(digest, "little") >> 1
 
 
+def pack_seed(seed: int, j: int, c: int, k: int, *, same_noise: bool = False) -> int:
+    """The seed of a unit that packs classes c, ..., c + k - 1 of method j (``sample.classes_per_unit``): 63 bits of
+    BLAKE2b over ``(seed, j, c, k)`` (j left out with ``same_noise``)."""
+    jj = -1 if same_noise else j
+    digest = hashlib.blake2b(f"dlsm-pack:{seed}:{jj}:{c}:{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 @dataclass(frozen=True)
 class Unit:
     """``n`` samples of class ``c`` for method ``method`` (its index ``j`` in the stage's method order), batch
-    ``b`` of that class, drawn from a generator seeded ``seed``."""
+    ``b`` of that class, drawn from a generator seeded ``seed``. A packed unit (``sizes`` given) holds the whole
+    classes c, c + 1, ..., c + len(sizes) - 1, ``sizes[i]`` samples of class c + i, in one batch (b = 0)."""
 
     method: str
     j: int
@@ -60,24 +73,62 @@ class Unit:
     b: int
     n: int
     seed: int
+    sizes: tuple[int, ...] = ()
+
+    @property
+    def classes(self) -> list[int]:
+        return list(range(self.c, self.c + len(self.sizes))) if self.sizes else [self.c]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The class of each of the unit's samples."""
+        sizes = self.sizes or (self.n,)
+        return torch.repeat_interleave(torch.tensor(self.classes), torch.tensor(sizes))
 
     @property
     def key(self) -> str:
+        if self.sizes:
+            return f"{self.method}/c{self.c}-{self.c + len(self.sizes) - 1}"
         return f"{self.method}/c{self.c}-b{self.b}"
 
 
 def plan_units(
-    methods: Iterable[str], counts: list[int], batch_size: int | None, seed: int, *, same_noise: bool = False
+    methods: Iterable[str], counts: list[int], batch_size: int | None, seed: int, *, same_noise: bool = False,
+    classes_per_unit: int = 1, packable: Iterable[str] = (),
 ) -> list[Unit]:
     """Every unit of the stage in plan order: method, then class, then batch; class c of M_c samples in
-    ceil(M_c / batch_size) batches (one batch without ``batch_size``)."""
+    ceil(M_c / batch_size) batches (one batch without ``batch_size``).
+
+    ``classes_per_unit`` > 1 packs, for the methods in ``packable`` (those that take a label per sample), up to that
+    many consecutive classes into one unit while their samples together fit in one batch of ``batch_size``: many
+    classes of few samples each (CIFAR-100 under smoke.gin: 100 classes of 4) then cost a few network calls per
+    level instead of one per class."""
     units = []
+    packable = set(packable)
     for j, name in enumerate(methods):
-        for c, m in enumerate(counts):
-            size = batch_size or m
+        c = 0
+        while c < len(counts):
+            block = _pack(counts, c, batch_size, classes_per_unit) if name in packable else 1
+            if block > 1:
+                sizes = tuple(counts[c:c + block])
+                units.append(Unit(name, j, c, 0, sum(sizes), pack_seed(seed, j, c, block, same_noise=same_noise),
+                                  sizes))
+                c += block
+                continue
+            m, size = counts[c], batch_size or counts[c]
             for b, start in enumerate(range(0, m, size)):
                 units.append(Unit(name, j, c, b, min(size, m - start), unit_seed(seed, j, c, b, same_noise=same_noise)))
+            c += 1
     return units
+
+
+def _pack(counts: list[int], c: int, batch_size: int | None, most: int) -> int:
+    """How many classes from c on fit in one packed unit: at most ``most``, their samples at most ``batch_size``."""
+    k, total = 0, 0
+    while k < most and c + k < len(counts) and (batch_size is None or total + counts[c + k] <= batch_size):
+        total += counts[c + k]
+        k += 1
+    return k
 
 
 def share(units: list[Unit], rank: int, world: int) -> list[Unit]:
@@ -116,7 +167,7 @@ class UnitStore:
         self.networks = networks  # method -> networks_digest
 
     def path(self, unit: Unit) -> Path:
-        return self.folder / unit.method / f"c{unit.c}-b{unit.b}.pt"
+        return self.folder / f"{unit.key}.pt"
 
     def fingerprint(self, unit: Unit) -> dict[str, object]:
         return {"config": self.config, "networks": self.networks[unit.method], "seed": unit.seed, "n": unit.n}
