@@ -5,7 +5,8 @@
 
 Times, for the networks of gin/cifar10.gin: one stage-1 step (DSM on NCSN++), one stage-2 step with CE and with
 Total = DLSM' + CE (ResNet classifier, NCSN++ frozen), and one guided PC step (Langevin corrector + reverse-diffusion
-predictor, alpha grad log p(y|x) in both) for a batch of images.
+predictor, alpha grad log p(y|x) in both) and one guided Heun step (EDM, 2 levels: 3 guided evaluations) for a
+batch of images.
 
 (a) baseline, as score_sde / the official DLSM code write it: fp32, NCHW, eager; every step draws its batch indices,
     sigma and noise on the host and copies them (and the batch) to the device; the loss is read with .item() each step.
@@ -16,9 +17,10 @@ predictor, alpha grad log p(y|x) in both) for a batch of images.
     DLSM' needs a double backward through the compiled classifier, which torch.compile does not support: the Total
     row then runs the classifier eager and says so).
 
-Prints images/s, (b)/(a) speed-ups, Total/CE (goal <= 2.5x), the PC step's overhead over its bare network calls
-(goal <= 15 %), peak memory (CUDA: max_memory_allocated; CPU: the process's peak RSS), and the bf16 - fp32 difference
-of the DSM and DLSM' values on one batch. Rounds are interleaved so drift hits every variant alike.
+Prints images/s, (b)/(a) speed-ups, Total/CE (goal <= 2.5x), the PC and Heun steps' overhead over their bare
+network calls (goal <= 15 %), peak memory (CUDA: max_memory_allocated; CPU: the process's peak RSS), and the
+bf16 - fp32 difference of the DSM and DLSM' values on one batch. Rounds are interleaved so drift hits every variant
+alike.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dlsm.math.heun import heun_sampler
 from dlsm.math.losses import ce_loss, dsm_loss, total_loss
 from dlsm.math.samplers import predictor_corrector
 from dlsm.math.scores import ModelScores
@@ -169,6 +172,13 @@ def build_steps(args, dev, v: Variant, data_u8: torch.Tensor, labels: torch.Tens
             x = x + (s**2 - nxt**2) * g + (s**2 - nxt**2) ** 0.5 * torch.randn(x.shape, generator=host_gen).to(dev)
         x.sum().item()
 
+    def heun() -> None:  # EDM Heun on 2 levels: 2N - 1 = 3 guided score evaluations (Euler + Heun, then Euler to 0)
+        scores = ModelScores(run_frozen, clf_eval, alpha=1.0)
+        x0 = v.layout(torch.randn((args.pc_batch, *SHAPE), generator=gen, device=dev))
+        with v.amp(dev):
+            heun_sampler(lambda x, s: scores.prior(x, s) + scores.alpha * _lik(clf_eval, x, s, y), x0, sigmas,
+                         n_steps=2, generator=gen, disable=True)
+
     def bare() -> None:  # the network work of one PC level: 2 x (score forward + classifier input gradient)
         x = v.layout(torch.randn((args.pc_batch, *SHAPE), generator=gen, device=dev))
         sig = torch.full((args.pc_batch,), 0.5, device=dev)
@@ -179,7 +189,7 @@ def build_steps(args, dev, v: Variant, data_u8: torch.Tensor, labels: torch.Tens
                 _lik(clf_eval, x, sig, y)
 
     return {"stage1 DSM": dsm_step, "stage2 CE": ce_step, "stage2 Total": total_step,
-            "PC step": pc_fast if v.fast else pc_baseline, "PC bare nets": bare}
+            "PC step": pc_fast if v.fast else pc_baseline, "Heun step": heun, "PC bare nets": bare}
 
 
 def _lik(clf: nn.Module, x: torch.Tensor, sigma, y: torch.Tensor) -> torch.Tensor:
@@ -262,7 +272,7 @@ def main() -> None:
         variants.append(Variant("(b) + compile", fast=True, compile_nets=True))
     steps = {v.name: build_steps(args, dev, v, data_u8, labels) for v in variants}
     batch_of = {"stage1 DSM": args.score_batch, "stage2 CE": args.clf_batch, "stage2 Total": args.clf_batch,
-                "PC step": args.pc_batch, "PC bare nets": args.pc_batch}
+                "PC step": args.pc_batch, "Heun step": args.pc_batch, "PC bare nets": args.pc_batch}
     times: dict[tuple[str, str], list[float]] = {}
     for v in variants:  # warm-up (and compilation)
         for fn in steps[v.name].values():
@@ -286,8 +296,10 @@ def main() -> None:
         ratio = med[(v.name, "stage2 Total")] / med[(v.name, "stage2 CE")]
         # one PC step = 2 levels here, each a corrector and a predictor step: bare = the same network calls
         overhead = med[(v.name, "PC step")] / (2 * med[(v.name, "PC bare nets")]) - 1
-        print(f"{v.name}: Total/CE = {ratio:.2f}x (goal <= 2.5x); PC overhead over bare network calls = "
-              f"{100 * overhead:+.1f} % (goal <= 15 %)")
+        # the Heun step: 3 evaluations, each one score forward + one classifier gradient = 1.5 x a bare PC level
+        heun_overhead = med[(v.name, "Heun step")] / (1.5 * med[(v.name, "PC bare nets")]) - 1
+        print(f"{v.name}: Total/CE = {ratio:.2f}x (goal <= 2.5x); over bare network calls: PC "
+              f"{100 * overhead:+.1f} %, Heun {100 * heun_overhead:+.1f} % (goal <= 15 %)")
     dsm_rel, dlsm_rel = loss_agreement(args, dev, data_u8, labels)
     print(f"bf16 vs fp32 on one batch: DSM relative difference {dsm_rel:.2e}, DLSM' (per-pixel) {dlsm_rel:.2e}")
     print(f"peak memory: {peak_memory(dev)}")
