@@ -34,14 +34,15 @@ TINY = [
 ]
 
 
-def launch(cwd: Path, *extra: str, gin_files=(MOONS,), params=TINY, timeout: int = 300, **kw):
+def launch(cwd: Path, *extra: str, gin_files=(MOONS,), params=TINY, timeout: int = 300, env: dict | None = None,
+           **kw):
     cmd = [sys.executable, "-m", "dlsm.launch"]
     for g in gin_files:
         cmd += ["--gin", g]
     for p in params:
         cmd += ["--gin_param", p]
     cmd += list(extra)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
 
 
@@ -257,9 +258,12 @@ def test_reuse_finished_stage1_run(tiny_run, tmp_path):
     cwd, _ = tiny_run
     c = client(cwd)
     (parent,) = parents(c)
+    tmp = tmp_path / "tmp"  # the launch's temporary folder: the downloaded checkpoint must not stay there
+    tmp.mkdir()
     proc = launch(cwd, params=TINY + [f"experiment.stage1_run_id = '{parent.info.run_id}'",
-                                      "classifier/train.n_iters = 20"])
+                                      "classifier/train.n_iters = 20"], env={"TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not list(tmp.glob("dlsm-ckpt-*"))
     newest = max(parents(c), key=lambda r: r.info.start_time)
     kids = runs_by_stage(c, newest.info.run_id)
     assert kids["stage1-score"].data.params["reused_stage1_run_id"] == parent.info.run_id
@@ -334,9 +338,12 @@ def test_resume_fetches_a_finished_stage_checkpoint_from_mlflow(tmp_path):
     (score_ckpt,) = list((tmp_path / ".dlsm").rglob("score.pt"))
     score_ckpt.unlink()
 
-    again = launch(tmp_path, params=params)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    again = launch(tmp_path, params=params, env={"TMPDIR": str(tmp)})
     assert again.returncode == 0, again.stderr[-2000:]
     assert score_ckpt.exists()
+    assert not list(tmp.glob("dlsm-ckpt-*"))  # the download's temporary folder is gone
     c = client(tmp_path)
     (parent,) = parents(c)
     kids = runs_by_stage(c, parent.info.run_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,8 +58,10 @@ def fit(
 
             def fetch() -> None:
                 if done and not ckpt.exists():
-                    fetched = tracker.download_checkpoint(run_id, stage, ckpt.name, key=stage, require_finished=False)
-                    copy_atomic(fetched, ckpt)  # a full disk leaves no truncated checkpoint behind
+                    with tempfile.TemporaryDirectory(prefix="dlsm-ckpt-") as tmp:
+                        fetched = tracker.download_checkpoint(run_id, stage, ckpt.name, key=stage,
+                                                              require_finished=False, dst=Path(tmp))
+                        copy_atomic(fetched, ckpt)  # a full disk leaves no truncated checkpoint behind
 
             dist.from_main(fetch)
             if not done and dist.is_main():
@@ -91,6 +95,14 @@ def reuse(run: Run, stage: str, build: Callable[[], nn.Module]) -> tuple[nn.Modu
         seed_everything(run.seed(1))
         with gin.config_scope("score" if stage == STAGE1 else "classifier"):
             model = build()
-        # rank 0 downloads; every rank reads the file (one machine, or a shared temporary folder)
-        ema = load_ema_weights(model, dist.from_main(lambda: tracker.download_checkpoint(source, stage, name, key=key)))
+        # rank 0 downloads; every rank reads the file (one machine, or a shared temporary folder); rank 0 then
+        # removes the folder once every rank has read it
+        tmp = Path(dist.from_main(lambda: tempfile.mkdtemp(prefix="dlsm-ckpt-")))
+        try:
+            path = dist.from_main(lambda: tracker.download_checkpoint(source, stage, name, key=key, dst=tmp))
+            ema = load_ema_weights(model, path)
+            dist.barrier()
+        finally:
+            if dist.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
     return ema.to(run.device), [], run_id
