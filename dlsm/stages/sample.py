@@ -39,11 +39,10 @@ def _is_image(data) -> bool:
 
 def sample_class(
     sampler: Callable, score_fn, schedule, shape: tuple[int, ...], n: int, *, seed: int, device: torch.device,
-    batch_size: int | None = None, on_batch: Callable[[torch.Tensor], None] | None = None,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """``n`` samples of one class in batches of ``batch_size``: x_0 ~ N(0, sigma_max^2 I) then ``sampler``,
-    every random number from one generator on ``device`` seeded with ``seed``; ``on_batch(x)`` sees each batch
-    as it is finished (streamed features)."""
+    every random number from one generator on ``device`` seeded with ``seed``."""
     gen = make_generator(seed, device)
     kwargs = {}
     if "eps" in inspect.signature(inspect.unwrap(sampler)).parameters:  # Langevin: step settings of the schedule
@@ -53,8 +52,6 @@ def sample_class(
         m = min(batch_size or n, n - start)
         x0 = prior_sample((m, *shape), schedule.sigma_max, generator=gen, device=device)
         out.append(sampler(score_fn, x0, schedule.sigmas, generator=gen, **kwargs))
-        if on_batch is not None:
-            on_batch(out[-1])
     return torch.cat(out)
 
 
@@ -169,7 +166,8 @@ def sample(
     units = plan_units(methods, counts, batch_size, spec.seed, same_noise=same_noise,
                        classes_per_unit=classes_per_unit, packable=packable)
     store = UnitStore(run.rundir / "sampling", cfg.config_hash(), {n: networks_digest(s) for n, s in methods.items()})
-    pending = [u for u in share(units, dist.rank(), dist.world_size()) if store.load(u) is None]
+    mine = share(units, dist.rank(), dist.world_size())
+    pending = [u for u in mine if store.load(u) is None]
     nets = None
     if stream_features and image:
         from dlsm.stages.evaluate import feature_nets
@@ -178,9 +176,10 @@ def sample(
     with run.tracker.stage(run.parent_id, "sampling"):
         t0 = time.perf_counter()
         run.tracker.log_params({**run.params, "alpha": spec.alpha, "n_per_class": str(counts)})
-        if dist.is_main() and len(pending) < len(units) // dist.world_size():
-            print(f"dlsm: sampling resumes from {store.folder}: {len(units) - len(pending)} of {len(units)} units "
-                  "are drawn (or left to other ranks)")
+        if dist.is_main() and len(pending) < len(mine):
+            whose = "" if dist.world_size() == 1 else " of rank 0"
+            print(f"dlsm: sampling resumes from {store.folder}: {len(mine) - len(pending)} of {len(mine)} "
+                  f"units{whose} are drawn")
         for unit in tqdm(pending, desc="sampling", unit="unit", disable=not dist.is_main()):
             y = unit.labels.to(run.device) if unit.sizes else unit.c
             x = sample_class(spec.sampler, methods[unit.method].posterior_fn(y), schedule, tuple(data.shape),
@@ -193,7 +192,7 @@ def sample(
         _gather(run, state, units, store, nets, image=image, grid_columns=grid_columns)
         run.timings["time/sampling_s"] = time.perf_counter() - t0
         run.tracker.log_metrics({"wall_seconds": run.timings["time/sampling_s"], "units": len(units),
-                                 "units_resumed": len(units) // dist.world_size() - len(pending)})
+                                 "units_resumed": len(mine) - len(pending)})  # rank 0's
     return state
 
 

@@ -46,18 +46,20 @@ def unit_seed(seed: int, j: int, c: int, b: int, *, same_noise: bool = False) ->
     Batch 0: ``seed + 41 + 100 j + c`` (``seed + 41 + c`` for every method with ``same_noise``), the seed the stage
     has always given a whole class, so a class drawn in one batch keeps its samples. Batch b > 0: 63 bits of
     BLAKE2b over ``(seed, j, c, b)`` (j left out with ``same_noise``), so no two units share a stream."""
-    jj = -1 if same_noise else j
     if b == LEGACY_BATCH:
         return seed + 41 + (0 if same_noise else 100 * j) + c
-    digest = hashlib.blake2b(f"dlsm-unit:{seed}:{jj}:{c}:{b}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return _hashed("dlsm-unit", seed, -1 if same_noise else j, c, b)
 
 
 def pack_seed(seed: int, j: int, c: int, k: int, *, same_noise: bool = False) -> int:
     """The seed of a unit that packs classes c, ..., c + k - 1 of method j (``sample.classes_per_unit``): 63 bits of
     BLAKE2b over ``(seed, j, c, k)`` (j left out with ``same_noise``)."""
-    jj = -1 if same_noise else j
-    digest = hashlib.blake2b(f"dlsm-pack:{seed}:{jj}:{c}:{k}".encode(), digest_size=8).digest()
+    return _hashed("dlsm-pack", seed, -1 if same_noise else j, c, k)
+
+
+def _hashed(tag: str, *parts: int) -> int:
+    """63 bits of BLAKE2b over ``tag:part:part:...``: a seed that no other unit's tuple gives."""
+    digest = hashlib.blake2b(":".join([tag, *map(str, parts)]).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
