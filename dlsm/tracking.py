@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -277,12 +276,10 @@ class Tracker:
             raise ConfigError(f"{key}: no MLflow run {run_id!r} in {default_tracking_uri()}") from None
 
     def download_checkpoint(
-        self, run_id: str, stage: str, name: str = "score.pt", *, key: str, require_finished: bool = True,
-        dst: Path | None = None,
+        self, run_id: str, stage: str, name: str = "score.pt", *, key: str, dst: Path, require_finished: bool = True,
     ) -> Path:
         """``checkpoints/<name>`` of the ``stage`` child run ``run_id``, or of that stage's child of a parent run,
-        downloaded under ``dst`` (the caller's temporary folder, which the caller removes; default: a new
-        ``dlsm-ckpt-*`` temporary folder left to the caller).
+        downloaded under ``dst`` (the caller's temporary folder, which the caller removes).
 
         ``key`` names what the user set (for the one-line error)."""
         try:
@@ -299,7 +296,6 @@ class Tracker:
             run = child
         if require_finished and run.info.status != "FINISHED":
             raise ConfigError(f"{key}: run {run.info.run_id} did not finish")
-        dst = Path(tempfile.mkdtemp(prefix="dlsm-ckpt-")) if dst is None else Path(dst)
         artifact = f"checkpoints/{name}"
         try:
             return Path(
