@@ -5,8 +5,9 @@
 
 Each file runs as users run it (``python -m dlsm.launch --gin FILE --gin gin/smoke.gin``, a fresh folder, the
 machine's default threads), one after another; CIFAR on small archives in the real format (tests/cifar_archives.py),
-without Inception weights (``image_features.networks = [@evaluator_network]``). Prints wall and CPU seconds per file
-and the ratio to the 180 s budget. The tests do not assert times (tests/budget.py keeps only fast-failure bounds).
+without Inception weights (smoke.gin binds ``image_features.networks = [@evaluator_network]``). Prints wall and
+CPU seconds per file and the ratio to the 180 s budget. The tests do not assert times (tests/budget.py keeps only
+fast-failure bounds).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ def run(gin_file: str, folder: Path) -> tuple[float, float, int]:
         else:
             make_cifar10(data, per_batch=20, n_test=40, balanced=True)
         env["DATA_ROOT"] = str(data)
-        cmd += ["--gin_param", "image_features.networks = [@evaluator_network]"]
     wall0, cpu0 = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
     return time.perf_counter() - wall0, _children_cpu() - cpu0, proc.returncode

@@ -252,6 +252,19 @@ class Tracker:
                 self._lose(err)
         return None
 
+    def metric_histories(self, run_id: str, prefix: str) -> dict[str, list[tuple[int, float]]] | None:
+        """Every metric history of ``run_id`` whose key starts with ``prefix``, as sorted (step, value) lists; None
+        once tracking is lost (the figure they are read for is skipped then, as every write is)."""
+        if self.lost is None:
+            try:
+                keys = [k for k in self.client.get_run(run_id).data.metrics if k.startswith(prefix)]
+                return {k: sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, k)) for k in keys}
+            except Exception as err:
+                if not is_lost_store(err):
+                    raise
+                self._lose(err)
+        return None
+
     def log_figure(self, fig, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
 

@@ -47,7 +47,7 @@ def test_cifar_file_runs_every_stage_under_smoke(tmp_path, gin_file, classes):
         make_cifar10(data, per_batch=20, n_test=40, balanced=True)  # 100 train images, 10 per class; 4 test
     else:  # 4 per class in both splits: the k-NN metrics (k = 3) need k + 1, the real row uses the test split
         make_cifar100(data, n_train=400, n_test=400, balanced=True)
-    proc = launch(tmp_path, gin_file, data, "image_features.networks = [@evaluator_network]")  # no Inception here
+    proc = launch(tmp_path, gin_file, data)  # smoke.gin swaps Inception (no weights here) for the evaluator network
     assert proc.returncode == 0, proc.stderr[-3000:]  # its time: bench/smoke_times.py (no timed asserts in tests)
     c, parent, kids = _runs(tmp_path, gin_file.removesuffix(".gin"))
     assert parent.info.status == "FINISHED" and set(kids) == STAGES
@@ -122,11 +122,12 @@ def test_cifar_file_offline_without_data_is_one_line(tmp_path, gin_file, folder)
 
 def test_cifar10_without_inception_weights_stops_in_seconds_before_training(tmp_path):
     """cifar10.gin binds Inception-v3 features; with the data but no weights file (nothing downloads), the run stops
-    before anything trains, with one line naming the binding to set."""
+    before anything trains, with one line naming the binding to set (smoke.gin's evaluator-only features undone)."""
     data = tmp_path / "data"
     make_cifar10(data, per_batch=20, n_test=40, balanced=True)
     with took() as t:
-        proc = launch(tmp_path, "cifar10.gin", data, env={"TORCH_HOME": str(tmp_path / "torch")})  # an empty hub cache
+        proc = launch(tmp_path, "cifar10.gin", data, "image_features.networks = [@inception_network, "
+                      "@evaluator_network]", env={"TORCH_HOME": str(tmp_path / "torch")})  # an empty hub cache
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("dlsm: error: Inception-v3 weights not found (nothing is downloaded)")

@@ -429,3 +429,34 @@ def test_tracker_goes_on_without_a_lost_store_and_stops_at_the_stage_end(tmp_pat
     tracker.lost = None
     with pytest.raises(MlflowException, match="Changing param"), tracker.parent("q", "h2", None):
         tracker.log_metrics({"loss": 1.0}, 1)  # a request the store refuses stays an error of the code
+
+
+def test_the_training_curves_read_nothing_from_a_lost_store(tmp_path, monkeypatch, capsys):
+    """Stage 2's training-curve figure reads MLflow's metric histories: (step, value) lists of the ``track/`` keys
+    from a live store; None (no figure, one warning, no error) once the store is lost; a refusal stays an error."""
+    from mlflow.exceptions import MlflowException
+
+    from dlsm.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker("curves")
+    with tracker.parent("p", "h", None) as parent_id, tracker.stage(parent_id, "stage2-ce") as (stage_id, _):
+        for step, v in ((20, 0.5), (10, 0.7)):
+            tracker.log_metrics({"track/acc": v, "track/nll": 2 * v, "loss": 9.0}, step)
+    assert tracker.metric_histories(stage_id, "track/") == {"track/acc": [(10, 0.7), (20, 0.5)],
+                                                            "track/nll": [(10, 1.4), (20, 1.0)]}
+
+    def refuse(*args, **kwargs):
+        raise MlflowException(REFUSED)
+
+    def missing(*args, **kwargs):
+        raise MlflowException("no such run")  # the store's own answer: not lost
+
+    monkeypatch.setattr(tracker.client, "get_run", missing)
+    with pytest.raises(MlflowException, match="no such run"):
+        tracker.metric_histories(stage_id, "track/")
+    assert tracker.lost is None
+    monkeypatch.setattr(tracker.client, "get_run", refuse)
+    assert tracker.metric_histories(stage_id, "track/") is None
+    assert tracker.lost is not None and capsys.readouterr().err.count("dlsm: warning:") == 1
+    assert tracker.metric_histories(stage_id, "track/") is None  # no second try once lost

@@ -465,8 +465,28 @@ def test_noise_schedule_reads_a_dataset_x_and_passes_the_overlap():
     assert len(one.sigmas) == technique2_num_scales(50.0, 0.01, 8)
 
 
-@pytest.mark.parametrize(("dim", "overlap"), [(7, 0.2), (8, 0.05), (8, 0.1), (3072, 0.5)])
+@pytest.mark.parametrize(("dim", "overlap"), [(7, 0.2), (8, 0.05), (8, 0.1), (3072, 0.5), (5, 0.5), (6, 0.5),
+                                             (5, 0.05), (5, 0.99), (12288, 0.99)])
 def test_technique2_ratio_solves_low_overlaps_in_low_dimension(dim, overlap):
     """Large ratios (gamma ~ 5-6 for D = 7, 8) are found too: the overlap at the returned ratio is the target."""
     gamma = technique2_ratio(dim, overlap)
     assert gamma > 1.0 and math.isclose(_overlap_ref(gamma, dim), overlap, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_technique2_ratio_at_d5_and_d6_is_the_large_root_the_old_bracket_missed():
+    """D = 5: the overlap first reaches 0.5 where a = 3 gamma, i.e. gamma = sqrt(10) / (sqrt(10) - 3) ~ 19.5 (the
+    other half, Phi(a + 3 gamma), is 1 to 1e-16 there); the bracket [1, 1 + 20 / sqrt(2D)] ended at overlap 0.976."""
+    s = math.sqrt(10.0)
+    assert math.isclose(technique2_ratio(5, 0.5), s / (s - 3.0), rel_tol=1e-9)
+    gamma6 = technique2_ratio(6, 0.5)
+    assert 6.0 < gamma6 < 8.0 and math.isclose(_overlap_ref(gamma6, 6), 0.5, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("overlap", [0.99731, 0.999, 1.0, 1.5, 0.0, -0.1])
+def test_technique2_overlap_outside_its_range_is_one_line(overlap):
+    """The overlap is Phi(3) - Phi(-3) = 0.99730 at gamma = 1; no ratio > 1 gives a target at or above it, nor 0."""
+    top = _phi(3.0) - _phi(-3.0)
+    with pytest.raises(ConfigError) as err:
+        technique2_ratio(8, overlap)
+    assert str(err.value) == (f"Technique 2's overlap must be in (0, {top:.4f}) (its value at gamma = 1), "
+                              f"got {overlap!r}")

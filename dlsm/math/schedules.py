@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import gin
 import torch
 from scipy.optimize import brentq, minimize_scalar
-from scipy.special import ndtr
+from scipy.special import ndtr, ndtri
 
 from dlsm.errors import ConfigError
 
@@ -86,16 +86,24 @@ def technique2_overlap(gamma: float, dim: int) -> float:
 def technique2_ratio(dim: int, overlap: float = 0.5) -> float:
     """The common ratio gamma = sigma_{i-1}/sigma_i > 1 at which Technique 2's overlap equals ``overlap``.
 
-    The overlap only falls below ~0.99 once sqrt(2D) > 3, so low-dimensional data (D <= 4,
-    e.g. two moons) has no solution; choose ``num_scales`` by hand there.
+    With s = sqrt(2D) and a = s (gamma - 1), the overlap Phi(a + 3 gamma) - Phi(a - 3 gamma) starts at
+    Phi(3) - Phi(-3) ~ 0.9973 for gamma = 1 and tends to 0 as gamma grows only when s > 3, i.e. D >= 5; low-dimensional
+    data (D <= 4, e.g. two moons) has no solution, nor has a target of 0.9973 or more: choose ``num_scales`` by hand.
+    The bracket's upper end has overlap below the target in closed form: the overlap is below 1 - Phi(a - 3 gamma),
+    which equals the target at gamma* = (s - Phi^-1(target)) / (s - 3); twice gamma* is past the root (gamma ~ 19.5
+    at D = 5 for 0.5, where a fixed bracket missed it).
     """
-    f = lambda g: technique2_overlap(g, dim) - overlap  # noqa: E731
-    hi = 1.0 + 20.0 / math.sqrt(2.0 * dim)
-    if dim < 5 or f(hi) > 0:
+    top = float(ndtr(3.0) - ndtr(-3.0))
+    if not 0.0 < overlap < top:
+        raise ConfigError(f"Technique 2's overlap must be in (0, {top:.4f}) (its value at gamma = 1), got {overlap!r}")
+    if dim < 5:
         raise ConfigError(
             f"Technique 2 has no solution for data dimension D={dim} (it needs D >= 5); "
             "set noise_schedule.num_scales to a number"
         )
+    f = lambda g: technique2_overlap(g, dim) - overlap  # noqa: E731
+    s = math.sqrt(2.0 * dim)
+    hi = max(1.0 + 20.0 / s, 2.0 * (s - float(ndtri(overlap))) / (s - 3.0))
     return brentq(f, 1.0 + 1e-12, hi, xtol=1e-14)
 
 

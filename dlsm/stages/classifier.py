@@ -18,12 +18,6 @@ from dlsm.train import distributed as dist
 __all__ = ["train_classifiers"]
 
 
-def _history(tracker, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """Every ``track/...`` metric history of a run, as (step, value) lists."""
-    keys = [k for k in tracker.client.get_run(run_id).data.metrics if k.startswith("track/")]
-    return {k: sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, k)) for k in keys}
-
-
 @gin.configurable(denylist=["run", "state"])
 def train_classifiers(
     run: Run, state: State, *, seeds: int = 1, tracker: Callable[..., Callable[[nn.Module], dict]] | None = None,
@@ -63,8 +57,9 @@ def train_classifiers(
                 if rep == 0:
                     state.classifiers[shape][loss_name], state.curves[key] = model, losses
     if track_fn is not None and not spec.stage2_run_id and dist.is_main():  # MLflow's histories: rank 0 (torchrun)
-        histories = {key: [_history(run.tracker, rid) for rid in ids] for key, ids in runs.items()}
-        for shape in spec.classifiers:
+        histories = {key: [run.tracker.metric_histories(rid, "track/") for rid in ids] for key, ids in runs.items()}
+        lost = any(h is None for hs in histories.values() for h in hs)  # tracking lost: no figure, as no write
+        for shape in () if lost else spec.classifiers:
             fig = training_curves_figure({
                 loss_name: histories[method_key(loss_name, shape)] for loss_name in spec.classifier_losses
             }, title=shape)
