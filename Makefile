@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-threads lint ui clean reproduce-moons reproduce-digits mutation
+.PHONY: demo test test-threads lint ui clean reproduce-moons reproduce-digits reproduce-samplers mutation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ reproduce-digits: $(STAMP)
 	$(PY) tune/sweep.py --gin gin/digits_frontier.gin --share none $(DIGITS_SWEEP)
 	$(PY) tune/sweep.py --gin gin/digits32.gin --share stage1 --gin_param "N_PER_CLASS = 10" $(DIGITS_SWEEP)
 	$(PY) -m dlsm.report digits --out docs/results/digits.md --notes docs/results/digits_notes.md
+
+# Sampling quality against network evaluations: PC against guided Heun (EDM) on digits32's networks, trained once,
+# 3 seeds for the chosen points, then docs/results/samplers.md (~1 h on 2 CPU cores: a smaller grid than the script's
+# default, which takes about 3.5 h; see the report)
+reproduce-samplers: $(STAMP)
+	rm -rf .dlsm/bench-samplers
+	$(PY) bench/samplers_quality.py --pc 25 50 100 --heun 5 9 18 --stochastic 9 --notes docs/results/samplers_notes.md
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
