@@ -240,12 +240,19 @@ def main() -> None:
     p.add_argument("--train-params", nargs="*", default=[], help="gin bindings for every launch (e.g. shorter "
                    "training for a check of this script)")
     p.add_argument("--notes", help="a markdown file appended to --out (what was cut, the conclusions)")
+    p.add_argument("--report-only", action="store_true", help="write --out from results.json, launching nothing "
+                   "(the seeds after the first count for the points that have them all)")
+    p.add_argument("--train-s", type=float, default=0.0, help="with --report-only: the training's wall seconds")
+    p.add_argument("--total-s", type=float, default=float("nan"), help="with --report-only: the measurement's")
     args = p.parse_args()
     cwd = Path(args.workdir).resolve()
     cwd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     base = ["experiment.workdir = 'ckpt'", "EvaluatorSettings.seed = 0"]
-    run_id, train_s = (args.run, 0.0) if args.run else train(cwd, [*base, *args.train_params], args.train_threads)
+    if args.report_only:
+        args.run = args.run or "(see results.json)"
+    run_id, train_s = ((args.run, args.train_s) if args.run else
+                       train(cwd, [*base, *args.train_params], args.train_threads))
     print(f"networks: run {run_id} ({train_s:.0f} s)", flush=True)
     common = [*base, *args.train_params, f"experiment.stage1_run_id = '{run_id}'",
               f"experiment.stage2_run_id = '{run_id}'", f"N_PER_CLASS = {args.per_class}",
@@ -254,14 +261,17 @@ def main() -> None:
               "image_metrics.real_row = False", "sample.stream_features = False"]  # sampling's wall: the sampler alone
     pts = points(args.pc, args.heun, args.stochastic)
     load(cwd, pts)
-    run_all(cwd, [(q, args.seeds[0]) for q in pts], common, args, pts)
+    if not args.report_only:
+        run_all(cwd, [(q, args.seeds[0]) for q in pts], common, args, pts)
     best = min((q for q in pts if q.kind == "pc"), key=lambda q: mean_fid(q, args.seeds[0]))
     again = [best, *(q for q in pts if q.kind == "heun")]
-    run_all(cwd, [(q, s) for s in args.seeds[1:] for q in again], common, args, pts)
+    if not args.report_only:
+        run_all(cwd, [(q, s) for s in args.seeds[1:] for q in again], common, args, pts)
     out = Path(args.out)
     fig = out.parent / "samplers" / "quality_nfe.png"
     figure(pts, args.seeds[0], fig)
-    text = report(pts, args, run_id=run_id, train_s=train_s, total_s=time.perf_counter() - t0, fig=fig)
+    total_s = args.total_s if args.report_only else time.perf_counter() - t0
+    text = report(pts, args, run_id=run_id, train_s=train_s, total_s=total_s, fig=fig)
     if args.notes:
         text += "\n" + Path(args.notes).read_text()
     out.write_text(text)

@@ -68,3 +68,46 @@ def test_bad_input_is_a_config_error():
         mean_ci([])
     with pytest.raises(ConfigError):
         mean_ci([1.0, 2.0], level=1.5)
+
+
+def test_bad_input_messages_and_the_open_level_interval():
+    with pytest.raises(ConfigError) as err:
+        mean_ci([])
+    assert str(err.value) == "mean_ci needs at least one value"
+    for level in (0.0, 1.0, 1.5):  # (0, 1) is open: 0 and 1 have no finite t quantile
+        with pytest.raises(ConfigError) as err:
+            mean_ci([1.0, 2.0], level=level)
+        assert str(err.value) == f"the confidence level must be in (0, 1), got {level!r}"
+
+
+def test_the_interval_records_its_size_and_level():
+    from dlsm.report.stats import Interval
+
+    one = mean_ci([0.7], level=0.9)
+    assert (one.mean, one.n, one.level) == (0.7, 1, 0.9) and math.isnan(one.half_width)
+    many = mean_ci([1.0, 2.0, 3.0], level=0.9)
+    assert (many.n, many.level) == (3, 0.9)
+    assert Interval(2.0, 1.0, 3).level == 0.95  # the default level
+
+
+def test_paired_interval_uses_the_level_asked_for():
+    """Differences 1, 2, 3: mean 2, s = 1; at 90 %, df = 2: t_{0.95, 2} = 0.9 sqrt(2 / (4 0.95 0.05)) (closed form)."""
+    diff = paired_ci([2.0, 4.0, 6.0], [1.0, 2.0, 3.0], level=0.9)
+    assert diff.level == 0.9 and diff.mean == 2.0
+    assert diff.half_width == pytest.approx(0.9 * math.sqrt(2.0 / (4 * 0.95 * 0.05)) / math.sqrt(3), rel=1e-12)
+
+
+@pytest.mark.parametrize(("mean", "half", "up", "expected"), [
+    (1.0, 1.0, True, "cannot tell at this sample size"),    # low = 0 exactly: not wholly above 0
+    (-1.0, 1.0, False, "cannot tell at this sample size"),  # high = 0 exactly: not wholly below 0
+    (-1.0, 1.0, True, "cannot tell at this sample size"),   # high = 0 exactly: not wholly below 0 either
+    (1.0, 1.0, False, "cannot tell at this sample size"),   # low = 0 exactly
+    (0.0, 0.5, True, "cannot tell at this sample size"),    # (-0.5, 0.5) straddles 0
+    (0.0, 0.5, False, "cannot tell at this sample size"),
+    (1.0, 0.5, True, "agrees"), (1.0, 0.5, False, "does not"),
+    (-1.0, 0.5, True, "does not"), (-1.0, 0.5, False, "agrees"),
+])
+def test_verdict_at_the_edges_of_zero(mean, half, up, expected):
+    from dlsm.report.stats import Interval
+
+    assert verdict(Interval(mean, half, 3), higher_is_better=up) == expected
