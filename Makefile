@@ -44,7 +44,7 @@ reproduce-digits: $(STAMP)
 # default, which takes about 3.5 h; see the report)
 reproduce-samplers: $(STAMP)
 	rm -rf .dlsm/bench-samplers
-	$(PY) bench/samplers_quality.py --pc 25 50 100 --heun 5 9 18 --stochastic 9 --notes docs/results/samplers_notes.md
+	$(PY) bench/samplers_quality.py --pc 25 50 100 --heun 5 9 18 --stochastic 9
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
