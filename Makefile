@@ -40,8 +40,9 @@ reproduce-digits: $(STAMP)
 	$(PY) -m dlsm.report digits --out docs/results/digits.md --notes docs/results/digits_notes.md
 
 # Sampling quality against network evaluations: PC against guided Heun (EDM) on digits32's networks, trained once,
-# 3 seeds for the chosen points, then docs/results/samplers.md (~1 h on 2 CPU cores: a smaller grid than the script's
-# default, which takes about 3.5 h; see the report)
+# 3 seeds for the chosen points, then docs/results/samplers.md. Not yet run to the end: on 2 CPU cores (2026-12-04)
+# digits32's stage 1 alone was at step 1,450 of 2,000 after 18 min, and sampling ran at ~55 guided evaluations per
+# image per second per core; a smaller grid than the script's default
 reproduce-samplers: $(STAMP)
 	rm -rf .dlsm/bench-samplers
 	$(PY) bench/samplers_quality.py --pc 25 50 100 --heun 5 9 18 --stochastic 9

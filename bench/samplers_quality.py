@@ -1,7 +1,7 @@
 """Quality against cost: the PC sampler and the guided Heun (EDM) sampler on `gin/digits32.gin`'s networks.
 
-    python bench/samplers_quality.py                       # the full grid below: about 3.5 h on 2 CPU cores
-    python bench/samplers_quality.py --pc 25 50 100 --heun 5 9 18 --stochastic 9   # docs/results/samplers.md, 1 h
+    python bench/samplers_quality.py                       # the issue's grid: several hours on 2 CPU cores
+    python bench/samplers_quality.py --pc 25 50 100 --heun 5 9 18 --stochastic 9   # make reproduce-samplers
     python bench/samplers_quality.py --run RUN_ID ...      # the networks of a finished digits32 run in --workdir
 
 Stage 1 and stage 2 are trained once (``experiment.stop_after = 'stage2'``), then every sampler setting is a launch
