@@ -41,8 +41,8 @@ reproduce-digits: $(STAMP)
 
 # Sampling quality against network evaluations: PC against guided Heun (EDM) on digits32's networks, trained once,
 # 3 seeds for the chosen points, then docs/results/samplers.md. Not yet run to the end: on 2 CPU cores (2026-12-04)
-# digits32's stage 1 alone was at step 1,450 of 2,000 after 18 min, and sampling ran at ~55 guided evaluations per
-# image per second per core; a smaller grid than the script's default
+# digits32's stage 1 alone was at step 1,450 of 2,000 after 18 min, and sampling made ~55 guided evaluations (score
+# network plus classifier gradient, per image) a second per core; a smaller grid than the script's default
 reproduce-samplers: $(STAMP)
 	rm -rf .dlsm/bench-samplers
 	$(PY) bench/samplers_quality.py --pc 25 50 100 --heun 5 9 18 --stochastic 9
