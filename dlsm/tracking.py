@@ -239,31 +239,32 @@ class Tracker:
         """A text artifact in another run than the active one (e.g. a table beside the samples it scores)."""
         self._record("artifacts", 1, lambda: self.client.log_text(run_id, text, artifact_file))
 
-    def stage_run_id(self, parent_id: str, stage: str) -> str | None:
-        """The run id of the latest ``stage`` child of ``parent_id``, or None (also once tracking is lost: what
-        would go to that run is skipped then anyway)."""
+    def _read_if_kept(self, read: Callable[[], T]) -> T | None:
+        """``read()`` from the store for something the run can do without (what it is read for is skipped, as every
+        write is): None once the store is lost."""
         if self.lost is None:
             try:
-                run = self.child(parent_id, stage)
-                return run.info.run_id if run is not None else None
+                return read()
             except Exception as err:
                 if not is_lost_store(err):
                     raise
                 self._lose(err)
         return None
 
+    def stage_run_id(self, parent_id: str, stage: str) -> str | None:
+        """The run id of the latest ``stage`` child of ``parent_id``, or None (also once tracking is lost: what
+        would go to that run is skipped then anyway)."""
+        run = self._read_if_kept(lambda: self.child(parent_id, stage))
+        return run.info.run_id if run is not None else None
+
     def metric_histories(self, run_id: str, prefix: str) -> dict[str, list[tuple[int, float]]] | None:
         """Every metric history of ``run_id`` whose key starts with ``prefix``, as sorted (step, value) lists; None
         once tracking is lost (the figure they are read for is skipped then, as every write is)."""
-        if self.lost is None:
-            try:
-                keys = [k for k in self.client.get_run(run_id).data.metrics if k.startswith(prefix)]
-                return {k: sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, k)) for k in keys}
-            except Exception as err:
-                if not is_lost_store(err):
-                    raise
-                self._lose(err)
-        return None
+        def read() -> dict[str, list[tuple[int, float]]]:
+            keys = [k for k in self.client.get_run(run_id).data.metrics if k.startswith(prefix)]
+            return {k: sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, k)) for k in keys}
+
+        return self._read_if_kept(read)
 
     def log_figure(self, fig, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
