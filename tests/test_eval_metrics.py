@@ -432,3 +432,30 @@ def test_inception_features_are_torchmetrics_fid_features(random_inception_weigh
                                   features=("2048",))["2048"]
     torch.testing.assert_close(as_float, feats["2048"], rtol=0, atol=0)  # [0, 1] floats map back to the same bytes
     assert no_network == []
+
+
+def test_classwise_mean_of_a_float_metric_over_several_classes():
+    """A float metric (as fid_from_features) is averaged unweighted over the classes: counts per class known."""
+    real, fake = torch.zeros(6, 2), torch.zeros(9, 2)
+    yr, yf = torch.tensor([0, 0, 0, 1, 2, 2]), torch.tensor([0, 1, 1, 1, 1, 2, 2, 2, 2])
+    mean, per_class = classwise(lambda r, f: float(10 * len(r) + len(f)), real, yr, fake, yf, 3)
+    assert per_class == {0: 31.0, 1: 14.0, 2: 24.0}
+    assert mean == pytest.approx((31.0 + 14.0 + 24.0) / 3, rel=1e-15)
+
+
+@pytest.mark.parametrize(("num_classes", "labels", "message"), [
+    (0, None, "classwise.num_classes must be a positive integer, got 0"),
+    (True, None, "classwise.num_classes must be a positive integer, got True"),
+    (2.0, None, "classwise.num_classes must be a positive integer, got 2.0"),
+    (3, ("real", [0, 1, 3]), "real labels must lie in [0, 3), got [0, 3]"),   # a label equal to the class count
+    (3, ("fake", [-1, 1, 2]), "fake labels must lie in [0, 3), got [-1, 2]"),
+    (3, ("fake", [[0, 1, 2]]), "fake labels must have shape (3,), got (1, 3)"),
+])
+def test_classwise_bad_input_is_one_exact_line(num_classes, labels, message):
+    x, y = torch.zeros(3, 2), torch.tensor([0, 1, 2])
+    ys = {"real": y, "fake": y}
+    if labels is not None:
+        ys[labels[0]] = torch.tensor(labels[1])
+    with pytest.raises(ConfigError) as err:
+        classwise(lambda r, f: 0.0, x, ys["real"], x, ys["fake"], num_classes)
+    assert str(err.value) == message
