@@ -250,7 +250,7 @@ def main() -> None:
     t0 = time.perf_counter()
     base = ["experiment.workdir = 'ckpt'", "EvaluatorSettings.seed = 0"]
     if args.report_only:
-        args.run = args.run or "(see results.json)"
+        args.run = args.run or "(not given: pass --run)"
     run_id, train_s = ((args.run, args.train_s) if args.run else
                        train(cwd, [*base, *args.train_params], args.train_threads))
     print(f"networks: run {run_id} ({train_s:.0f} s)", flush=True)
