@@ -8,6 +8,10 @@ for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY
     os.environ[var] = "http://127.0.0.1:9"  # any stray request fails fast on loopback
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Ray starts its workers at nice 15 (its `worker_niceness`): under pytest-xdist the other worker's launches (nice 0)
+# then take the cores and a sweep test's trials wait, so the Ray tests ran last and alone at the suite's end. Same
+# priority for both here.
+os.environ["RAY_worker_niceness"] = "0"
 # Threads per process, here and in every subprocess a test starts (torch reads OMP_NUM_THREADS): 1 by default, so
 # two pytest-xdist workers fill two cores without oversubscribing them; `make test-threads` runs the numerical tests
 # with another count, so a constant that holds only for one thread count (one reduction order) shows up in CI.

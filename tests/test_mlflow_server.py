@@ -244,7 +244,7 @@ def test_launch_tracks_everything_to_a_server(tmp_path, server):
 @pytest.mark.xdist_group("ray")  # one Ray at a time on two cores (tests/conftest.py)
 def test_sweep_trials_track_to_a_server(tmp_path, server):
     cmd = [sys.executable, str(ROOT / "tune" / "sweep_lambda.py"), *SMOKE, "--gin_param", "sweep.cpus_per_trial = 1",
-           "--gin_param", "experiment.name = 'sweep'", "--values", "0.1", "0.5"]
+           "--gin_param", "experiment.name = 'sweep'", "--values", "0.1"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=launch_env(server.uri), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = server.client()
@@ -253,7 +253,7 @@ def test_sweep_trials_track_to_a_server(tmp_path, server):
     assert sweep_run.info.status == "FINISHED"
     assert "results.md" in artifact_paths(c, sweep_run.info.run_id)
     trials = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{sweep_run.info.run_id}'")
-    assert sorted(t.data.params["macro.LAM"] for t in trials) == ["0.1", "0.5"]
+    assert [t.data.params["macro.LAM"] for t in trials] == ["0.1"]
     for t in trials:
         assert t.info.status == "FINISHED" and "total/ce/s7.5" in t.data.metrics
         kids = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{t.info.run_id}'")

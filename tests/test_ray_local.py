@@ -125,9 +125,9 @@ def _strace_works() -> bool:
 def test_default_sweep_stays_on_loopback(tmp_path):
     trace = tmp_path / "trace.txt"
     cmd = ["strace", "-f", "-qq", "-e", "trace=connect,bind,listen,sendto,sendmsg,execve", "-o", str(trace),
-           *sweep_cmd("--values", "0.1", "1.0")]
+           *sweep_cmd("--values", "0.1")]  # one trial: a trial worker is traced like the rest
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # the project must set what it needs
-    env["PYTHONPATH"] = str(ROOT)
+    env.update(PYTHONPATH=str(ROOT), RAY_worker_niceness="0")  # scheduling only (tests/conftest.py)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bad, n_loop, programs = network_violations(trace.read_text())
@@ -135,7 +135,7 @@ def test_default_sweep_stays_on_loopback(tmp_path):
     assert {"raylet", "gcs_server"} <= programs, programs  # Ray's processes were traced, not just the driver
     assert n_loop > 20, n_loop
     assert "dashboard.py" not in trace.read_text()  # no dashboard process unless sweep.dashboard = True
-    assert len([t for t in trial_runs(tmp_path) if t.info.status == "FINISHED"]) == 2
+    assert len([t for t in trial_runs(tmp_path) if t.info.status == "FINISHED"]) == 1
 
 
 def test_ray_env_keeps_ray_home_and_loopback_detection():
@@ -192,12 +192,11 @@ def test_sweep_joins_an_existing_cluster_by_address(tmp_path, head_node):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PYTHONPATH=str(ROOT), HOME=str(head_node["home"]))  # the head's machine: token in its default place
     address = head_node["address"]
-    proc = subprocess.run(sweep_cmd("--values", "0.1", "1.0", "--address", address), cwd=tmp_path, env=env,
+    proc = subprocess.run(sweep_cmd("--values", "0.1", "--address", address), cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = trial_runs(tmp_path)
-    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
-    assert {t.data.tags["dlsm.ray_cluster"] for t in trials} == {address}  # both ran on that cluster
+    (trial,) = trial_runs(tmp_path)
+    assert trial.info.status == "FINISHED" and trial.data.tags["dlsm.ray_cluster"] == address  # ran on that cluster
 
     # another machine, no token yet: one line, within seconds, naming where the token comes from
     elsewhere = tmp_path / "elsewhere"
@@ -229,11 +228,11 @@ def _trial_worker_pids() -> set[int]:
 
 
 def test_trial_whose_worker_is_killed_is_retried_and_the_sweep_finishes(tmp_path):
-    params = [*TINY, "classifier/train.n_iters = 1500", "classifier/train.ckpt_every = 20",
+    params = [*TINY, "classifier/train.n_iters = 600", "classifier/train.ckpt_every = 20",
               "classifier/train.log_every = 200", "sweep.max_concurrent_trials = 1", "sweep.max_failures = 1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     before = _trial_worker_pids()
-    proc = subprocess.Popen(sweep_cmd("--values", "0.1", "1.0", params=params), cwd=tmp_path, env=env,
+    proc = subprocess.Popen(sweep_cmd("--values", "0.1", params=params), cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, victim = time.time() + 300, None
     while time.time() < deadline and victim is None:  # the first trial's worker, once stage 2 has a checkpoint
@@ -244,10 +243,9 @@ def test_trial_whose_worker_is_killed_is_retried_and_the_sweep_finishes(tmp_path
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    assert "0 of 2 trials failed" in out, out[-2000:]
-    trials = trial_runs(tmp_path)
-    assert sorted(t.data.params["macro.LAM"] for t in trials) == ["0.1", "1.0"]  # the killed one not doubled
-    assert all(t.info.status == "FINISHED" for t in trials)
+    assert "0 of 1 trials failed" in out, out[-2000:]
+    (trial,) = trial_runs(tmp_path)  # the killed trial's retry went on in the same run: not doubled
+    assert trial.data.params["macro.LAM"] == "0.1" and trial.info.status == "FINISHED"
 
 
 def test_dashboard_without_its_packages_is_one_line(tmp_path):
