@@ -40,12 +40,12 @@ reproduce-digits: $(STAMP)
 	$(PY) -m dlsm.report digits --out docs/results/digits.md --notes docs/results/digits_notes.md
 
 # Sampling quality against network evaluations: PC against guided Heun (EDM) on digits32's networks, trained once,
-# 3 seeds for the chosen points, then docs/results/samplers.md. Not yet run to the end: on 2 CPU cores (2026-12-04)
-# digits32's stage 1 alone was at step 1,450 of 2,000 after 18 min, and sampling made ~55 guided evaluations (score
-# network plus classifier gradient, per image) a second per core; a smaller grid than the script's default
+# 3 seeds for the chosen points, then docs/results/samplers.md (with docs/results/samplers_notes.md appended by hand).
+# A smaller grid than the script's default (PC 100/200/500, Heun 18/35/50), which would take hours on 2 CPU cores;
+# 124 min of running on 2 CPU cores, measured 2026-12-05 (the training about 63 min of it)
 reproduce-samplers: $(STAMP)
 	rm -rf .dlsm/bench-samplers
-	$(PY) bench/samplers_quality.py --pc 25 50 100 --heun 5 9 18 --stochastic 9
+	$(PY) bench/samplers_quality.py --pc 25 50 100 --heun 5 9 18 --stochastic 9 --notes docs/results/samplers_notes.md
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

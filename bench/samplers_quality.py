@@ -94,8 +94,10 @@ def train(cwd: Path, common: list[str], threads: int) -> tuple[str, float]:
     return runs[0].info.run_id, time.perf_counter() - t0
 
 
-def run_all(cwd: Path, jobs: list[tuple[Point, int]], common: list[str], args, pts: list[Point]) -> None:
-    """Every (point, seed) launch; the first alone (it trains and caches the evaluator), then ``args.jobs`` at once."""
+def run_all(cwd: Path, jobs: list[tuple[Point, int]], common: list[str], args, pts: list[Point], *,
+            first_alone: bool = True) -> None:
+    """Every (point, seed) launch, ``args.jobs`` at once; with ``first_alone`` the first runs by itself before the
+    others (it trains and caches the evaluator that every later launch loads)."""
     def one(job: tuple[Point, int]) -> None:
         point, seed = job
         if seed in point.results:  # from an earlier, interrupted measurement (results.json)
@@ -108,10 +110,11 @@ def run_all(cwd: Path, jobs: list[tuple[Point, int]], common: list[str], args, p
               + ", ".join(f"{m} CW-FID {r.get(f'{m}/cw/fid.evaluator', float('nan')):.3g}" for m in METHODS),
               flush=True)
 
-    if jobs:
+    if first_alone and jobs:
         one(jobs[0])
+        jobs = jobs[1:]
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(one, jobs[1:]))
+        list(pool.map(one, jobs))
 
 
 def save(cwd: Path, pts: list[Point]) -> None:
@@ -266,7 +269,7 @@ def main() -> None:
     best = min((q for q in pts if q.kind == "pc"), key=lambda q: mean_fid(q, args.seeds[0]))
     again = [best, *(q for q in pts if q.kind == "heun")]
     if not args.report_only:
-        run_all(cwd, [(q, s) for s in args.seeds[1:] for q in again], common, args, pts)
+        run_all(cwd, [(q, s) for s in args.seeds[1:] for q in again], common, args, pts, first_alone=False)
     out = Path(args.out)
     fig = out.parent / "samplers" / "quality_nfe.png"
     figure(pts, args.seeds[0], fig)
