@@ -11,7 +11,9 @@
   every class in each set it compares -- the training data, the samples (``sample.n_per_class``) and, for
   ``image_metrics``' ``real`` row, the test split; ``k``, ``sample_metrics.n_projections`` and
   ``image_metrics.kid_subset_size`` must be usable; and the evaluator network and CAS (``EvaluatorSettings``,
-  also read in the gin scope ``cas``) must fit the images.
+  also read in the gin scope ``cas``) must fit the images;
+- the official checkpoint files (:func:`check_published`): each file bound to ``train_score_model.checkpoint`` or
+  ``train_classifiers.checkpoints`` is set, exists, and imports strictly into the network the experiment declares.
 
 :func:`check_workdir` (``experiment.workdir`` can be written) runs before the folder's lock is taken.
 Values are read as the stages will see them: the gin binding (macros resolved), else the signature default.
@@ -30,7 +32,11 @@ from dlsm.errors import ConfigError
 from dlsm.stages.base import ExperimentSpec, build_network
 from dlsm.train import distributed as dist
 
-__all__ = ["check_before_training", "check_evaluation", "check_networks", "check_workdir", "setting"]
+__all__ = [
+    "check_before_training", "check_evaluation", "check_networks", "check_published", "check_workdir", "setting",
+]
+
+PUBLISHED = "https://github.com/chen-hao-chao/dlsm#pretrained-weights"  # the official DLSM files (README's table)
 
 
 def check_workdir(workdir: str) -> None:
@@ -68,9 +74,10 @@ def check_networks(spec: ExperimentSpec, data) -> None:
 
 def check_before_training(spec: ExperimentSpec, data) -> None:
     """Every check that needs the loaded data: the evaluation's settings (on rank 0, which evaluates; its error
-    stops every rank), then the networks (:func:`check_networks`)."""
+    stops every rank), then the networks (:func:`check_networks`), then the official checkpoint files (rank 0)."""
     dist.from_main(lambda: check_evaluation(spec, data))
     check_networks(spec, data)
+    dist.from_main(lambda: check_published(spec, data))
 
 
 def setting(fn: Callable, param: str) -> object:
@@ -178,3 +185,68 @@ def _check_evaluator(data, scope: str | None) -> None:
     with gin.config_scope(scope):
         settings = EvaluatorSettings()
     EvaluatorNet(tuple(data.shape), data.num_classes, width=settings.width, depth=settings.depth)
+
+
+def _published_path(binding: str, value: object, reference: object, what: str) -> str:
+    """The file bound to ``binding`` (``reference``: the binding as written, e.g. the macro ``%SCORE_CKPT``), or a
+    one-line ConfigError naming what to set and where the official file is published."""
+    ref = str(reference)
+    target = f"the macro {ref[1:]}" if ref.startswith("%") else binding
+    example = f"--gin_param \"{ref[1:] if ref.startswith('%') else binding} = '/path/to/checkpoint.pth'\""
+    where = f"the official {what} is published at {PUBLISHED}"
+    if value is None or value == "":
+        raise ConfigError(f"{binding} is not set: give {target} the checkpoint file ({example}); {where}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{binding} = {value!r}: expected the path of a checkpoint file")
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{binding} = {value!r} is a directory, not a checkpoint file; give {target} the file "
+                          f"(e.g. .../checkpoint.pth)")
+    if not path.is_file():
+        raise ConfigError(f"{binding} = {value!r}: no such file; give {target} the checkpoint file ({example}); "
+                          f"{where}")
+    return str(path)
+
+
+def check_published(spec: ExperimentSpec, data) -> None:
+    """The official checkpoint files the experiment loads instead of training (``train_score_model.checkpoint``,
+    ``train_classifiers.checkpoints``): every one set, existing, and imported into the declared network (built on
+    the CPU in its gin scope) without a missing, unexpected or mis-shaped tensor, before any MLflow run exists; a
+    classifier name must be one the experiment trains, and a loaded stage cannot also be reused from a run."""
+    from dlsm.stages.base import method_key
+    from dlsm.stages.classifier import train_classifiers
+    from dlsm.stages.score import train_score_model
+    from dlsm.train.official import import_classifier_checkpoint, import_score_checkpoint
+
+    if _listed(spec.stages, train_score_model) and "checkpoint" in gin.get_bindings(train_score_model):
+        ref = gin.get_bindings(train_score_model, resolve_references=False)["checkpoint"]
+        value = setting(train_score_model, "checkpoint")
+        if value is not None or str(ref).startswith("%"):  # None bound directly: train as usual
+            if spec.stage1_run_id:
+                raise ConfigError("train_score_model.checkpoint and experiment.stage1_run_id both give stage 1; "
+                                  "bind one of them")
+            path = _published_path("train_score_model.checkpoint", value, ref,
+                                   "score model (Cifar10/score/checkpoint.pth, Cifar100/score/checkpoint.pth)")
+            with gin.config_scope("score"):
+                import_score_checkpoint(path, build_network(spec.score_model, data))
+    files = setting(train_classifiers, "checkpoints") if _listed(spec.stages, train_classifiers) else None
+    if not files:
+        return
+    refs = gin.get_bindings(train_classifiers, resolve_references=False)["checkpoints"]
+    names = {method_key(loss, shape): make for shape, make in spec.classifiers.items()
+             for loss in spec.classifier_losses}
+    if not isinstance(files, dict) or not set(files) <= set(names):
+        raise ConfigError(f"train_classifiers.checkpoints = {files!r}: expected {{classifier name: file}} with names "
+                          f"from {sorted(names)}")
+    if spec.stage2_run_id:
+        raise ConfigError("train_classifiers.checkpoints and experiment.stage2_run_id both give the classifiers; "
+                          "bind one of them")
+    if setting(train_classifiers, "seeds") != 1:
+        raise ConfigError("train_classifiers.checkpoints loads one classifier per name; train_classifiers.seeds "
+                          "must be 1")
+    for name, value in files.items():
+        ref = refs.get(name, value) if isinstance(refs, dict) else value
+        path = _published_path(f"train_classifiers.checkpoints[{name!r}]", value, ref,
+                               f"classifier {name!r} (Cifar10/base|ours/checkpoint.pth, Cifar100/...)")
+        with gin.config_scope("classifier"):
+            import_classifier_checkpoint(path, build_network(names[name], data, num_classes=data.num_classes))

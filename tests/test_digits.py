@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from budget import FAST_FAIL_S, took  # tests/, on sys.path
+from budget import FAST_FAIL_S  # tests/, on sys.path
+from cases import one_line, run_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS, SMOKE = str(ROOT / "gin" / "digits.gin"), str(ROOT / "gin" / "smoke.gin")
@@ -234,29 +235,43 @@ def _nothing_written(cwd: Path) -> None:
         assert not c.search_runs(exps)  # no MLflow run was started
 
 
-def test_cifar_offline_is_one_line_naming_the_folder_and_layout(tmp_path):
-    empty = tmp_path / "data"
+# one-line errors of image launches, every case in one new interpreter (tests/cases.py: its start-up paid once)
+ONE_LINE = {
+    "cifar-offline": (["experiment.dataset = @cifar10"], "cifar-10-batches-py/"),
+    "unet-depth": (["digits.size = 12", "ScoreUNet.channel_mult = (1, 2, 2, 2)"], "ScoreUNet"),  # 12 % 8 != 0
+    "batch": (["score/train.batch_size = 5000"],
+              "score/train.batch_size = 5000 is larger than the data (1437 examples)"),
+    "macro": (["DATA_ROOT_MISSING = 1"], "no binding uses %DATA_ROOT_MISSING"),
+    "cuda": (["DEVICE = 'cuda'"], "device = 'cuda' but no CUDA GPU is visible"),
+}
+
+
+@pytest.fixture(scope="module")
+def one_line_launches(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("one_line")
+    empty = tmp / "data"
     empty.mkdir()
-    with took() as t:
-        proc = launch(tmp_path, "experiment.dataset = @cifar10", env={"DATA_ROOT": str(empty)})
-    line = _one_line(proc)
-    assert str(empty) in line and "cifar-10-batches-py/" in line and t.wall_s < FAST_FAIL_S
-    _nothing_written(tmp_path)
+    names = [n for n in ONE_LINE if n != "cuda" or not torch.cuda.is_available()]  # with a GPU it would run
+    results = run_cases([{"cwd": tmp / name, "argv": ["--gin", DIGITS, "--gin", SMOKE, *[
+        x for p in ONE_LINE[name][0] for x in ("--gin_param", p)]], "env": {"DATA_ROOT": str(empty)}}
+        for name in names])
+    return {"tmp": tmp, "empty": empty, **dict(zip(names, results, strict=True))}
 
 
-@pytest.mark.parametrize(("params", "expected"), [
-    (["digits.size = 12", "ScoreUNet.channel_mult = (1, 2, 2, 2)"], "ScoreUNet"),  # 12 is not divisible by 8
-    (["score/train.batch_size = 5000"], "score/train.batch_size = 5000 is larger than the data (1437 examples)"),
-    (["DATA_ROOT_MISSING = 1"], "no binding uses %DATA_ROOT_MISSING"),
-])
-def test_bad_image_input_is_one_line_and_writes_nothing(tmp_path, params, expected):
-    proc = launch(tmp_path, *params)
-    assert expected in _one_line(proc)
-    _nothing_written(tmp_path)
+def test_cifar_offline_is_one_line_naming_the_folder_and_layout(one_line_launches):
+    line = one_line(one_line_launches["cifar-offline"])
+    assert str(one_line_launches["empty"]) in line and ONE_LINE["cifar-offline"][1] in line
+    assert one_line_launches["cifar-offline"]["wall_s"] < FAST_FAIL_S
+    _nothing_written(one_line_launches["tmp"] / "cifar-offline")
+
+
+@pytest.mark.parametrize("case", ["unet-depth", "batch", "macro"])
+def test_bad_image_input_is_one_line_and_writes_nothing(one_line_launches, case):
+    assert ONE_LINE[case][1] in one_line(one_line_launches[case])
+    _nothing_written(one_line_launches["tmp"] / case)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_cuda_without_a_gpu_is_one_line(tmp_path):
-    line = _one_line(launch(tmp_path, "DEVICE = 'cuda'"))
-    assert "device = 'cuda' but no CUDA GPU is visible" in line
-    _nothing_written(tmp_path)
+def test_cuda_without_a_gpu_is_one_line(one_line_launches):
+    assert ONE_LINE["cuda"][1] in one_line(one_line_launches["cuda"])
+    _nothing_written(one_line_launches["tmp"] / "cuda")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from budget import FAST_FAIL_S, took  # tests/, on sys.path
+from cases import run_cases
 
 from dlsm import launch
 from dlsm.errors import ConfigError
@@ -178,14 +179,6 @@ def test_workdir_and_reused_run_ids_fail_before_training(tmp_path, monkeypatch, 
     assert not list(tmp_path.rglob("*.pt"))  # nothing trained
 
 
-def run_launch(cwd: Path, uri: str) -> tuple[subprocess.CompletedProcess, float]:
-    cmd = [sys.executable, "-m", "dlsm.launch", "--gin", MOONS] + [x for b in TINY for x in ("--gin_param", b)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri}
-    with took() as t:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    return proc, t.wall_s
-
-
 def tracking_cases(tmp: Path) -> list[tuple[str, str]]:
     (tmp / "afile").write_text("")
     (tmp / "notes.db").write_text("not a database\n")
@@ -203,13 +196,16 @@ def tracking_cases(tmp: Path) -> list[tuple[str, str]]:
     ]
 
 
-@pytest.mark.parametrize("case", range(6), ids=["proc", "file-in-the-way", "sys", "not-sqlite", "http-down", "scheme"])
-def test_unusable_tracking_store_is_one_fast_line(tmp_path, case):
-    uri, expected = tracking_cases(tmp_path)[case]
-    proc, elapsed = run_launch(tmp_path, uri)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert one_error_line(proc.stderr).startswith(expected)
-    assert elapsed < FAST_FAIL_S, elapsed  # no MLflow retries (the http case took minutes)
+def test_unusable_tracking_store_is_one_fast_line(tmp_path):
+    """Each store through ``dlsm.launch.main`` in a new interpreter (tests/cases.py: its start-up paid once): one
+    line, and fast (no MLflow retries: the http case once took minutes)."""
+    cases = tracking_cases(tmp_path)
+    argv = ["--gin", MOONS] + [x for b in TINY for x in ("--gin_param", b)]
+    results = run_cases([{"cwd": tmp_path / f"case{i}", "argv": argv, "env": {"MLFLOW_TRACKING_URI": uri}}
+                         for i, (uri, _) in enumerate(cases)])
+    for (uri, expected), result in zip(cases, results, strict=True):
+        assert one_error_line(result["err"]).startswith(expected) and result["rc"] == 2, uri
+        assert result["wall_s"] < FAST_FAIL_S, (uri, result["wall_s"])
 
 
 def sweep_main(capsys, argv: list[str], **defaults) -> tuple[int, str, str]:

@@ -9,7 +9,9 @@ that order, read from the official code, for the settings of one of our networks
 * :func:`official_ncsnpp_names` / :func:`ncsnpp_key_map` (:class:`~dlsm.nets.ncsnpp.NCSNpp`, BigGAN blocks,
   ``progressive='none'``, ``progressive_input='residual'``, Fourier embedding, conditional);
 * :func:`official_classifier_names` / :func:`classifier_key_map` (:class:`~dlsm.nets.convnet.ConvClassifier` with
-  ``channels=(64, 128, 256, 512)``, ``norm='batch'``, ``condition='stage'``).
+  four stages, ``norm='batch'``, ``condition='stage'``). The official ``ResNet_cond`` hard-codes the widths
+  ``channels=(64, 128, 256, 512)``; other widths give the same names with other shapes (the official code cannot
+  build them; the tests use them for small end-to-end runs).
 
 Every map entry is (official name, our name, official shape, transpose). Only the attention projections differ in
 layout: score_sde's ``NIN`` stores W of shape (in, out) and computes x W + b, diffusers' ``Linear`` stores (out, in),
@@ -183,12 +185,13 @@ def _classifier_entries(cfg: Mapping) -> Iterator[Entry]:
     yield Entry("classifier.condition_modules.0.W", "embed.freqs", (nf,))
     yield from _layer("classifier.condition_modules.1", "embed.linear1", (4 * nf, 2 * nf))
     yield from _layer("classifier.condition_modules.2", "embed.linear2", (4 * nf, 4 * nf))
-    yield Entry(f"{root}.conv1.weight", "stem.0.weight", (64, int(cfg["shape"][0]), 3, 3))
-    yield from _bn(f"{root}.bn1", "stem.1", 64)
-    for k, width in enumerate(OFFICIAL_CLASSIFIER_WIDTHS):
+    widths = tuple(cfg.get("channels", OFFICIAL_CLASSIFIER_WIDTHS))
+    yield Entry(f"{root}.conv1.weight", "stem.0.weight", (widths[0], int(cfg["shape"][0]), 3, 3))
+    yield from _bn(f"{root}.bn1", "stem.1", widths[0])
+    for k, width in enumerate(widths):
         yield from _layer(f"{root}.dense_{k + 1}", f"stage_emb.{k}", (width, 4 * nf))
-    ours, cur = 0, 64
-    for stage, (width, n) in enumerate(zip(OFFICIAL_CLASSIFIER_WIDTHS, blocks, strict=True)):
+    ours, cur = 0, widths[0]
+    for stage, (width, n) in enumerate(zip(widths, blocks, strict=True)):
         for i in range(n):
             off, mine = f"{root}.layer{stage + 1}.{i}", f"blocks.{ours}"
             yield Entry(f"{off}.conv1.weight", f"{mine}.conv1.weight", (width, cur, 3, 3))
@@ -204,16 +207,19 @@ def _classifier_entries(cfg: Mapping) -> Iterator[Entry]:
 
 def classifier_key_map(config: Mapping) -> list[Entry]:
     """The official classifier tensors for ``config`` (keys of :func:`classifier_config`), each with our name."""
-    if len(tuple(config["blocks_per_stage"])) != len(OFFICIAL_CLASSIFIER_WIDTHS):
-        blocks = config["blocks_per_stage"]
-        raise CheckpointError(f"the official resnet_cond has 4 stages, got blocks_per_stage {blocks}")
+    blocks, widths = tuple(config["blocks_per_stage"]), tuple(config.get("channels", OFFICIAL_CLASSIFIER_WIDTHS))
+    if len(blocks) != len(OFFICIAL_CLASSIFIER_WIDTHS) or len(widths) != len(blocks):
+        raise CheckpointError(
+            f"the official resnet_cond has 4 stages, got blocks_per_stage {blocks}, channels {widths}"
+        )
     return list(_classifier_entries(config))
 
 
 def official_classifier_names(config: Mapping) -> list[tuple[str, tuple[int, ...]]]:
     """DLSM's classifier state-dict names and shapes, in order (``module.`` stripped), for ``config``: ``shape``
     (C, H, W), ``num_classes``, ``blocks_per_stage`` ((2, 2, 2, 2) resnet18_cond, (3, 4, 6, 3) resnet34_cond) and
-    ``nf`` (``config.classifier.nf``, 32 in the CIFAR configs: nf Fourier frequencies, embedding 4 nf)."""
+    ``nf`` (``config.classifier.nf``, 32 in the CIFAR configs: nf Fourier frequencies, embedding 4 nf), and optionally
+    ``channels`` (the official (64, 128, 256, 512) when absent)."""
     return [(e.official, e.shape) for e in classifier_key_map(config)]
 
 
@@ -226,7 +232,7 @@ def classifier_config(net: nn.Module) -> dict:
     channels = tuple(widths[e] for e in net.stage_ends)
     nf, emb = net.embed.freqs.numel(), net.embed.linear1.out_features
     problems = [
-        (channels != OFFICIAL_CLASSIFIER_WIDTHS, f"channels {channels}, not {OFFICIAL_CLASSIFIER_WIDTHS}"),
+        (len(channels) != len(OFFICIAL_CLASSIFIER_WIDTHS), f"{len(channels)} stages, not 4"),
         (not isinstance(net.stem[1], nn.BatchNorm2d), "norm is not 'batch'"),
         (net.stage_emb is None, "condition is not 'stage'"),
         (emb != 4 * nf, f"emb_dim {emb} is not 4 x num_frequencies ({nf})"),
@@ -235,12 +241,16 @@ def classifier_config(net: nn.Module) -> dict:
     for bad, why in problems:
         if bad:
             raise CheckpointError(f"ConvClassifier has no official counterpart (resnet_cond): {why}")
-    return {"shape": tuple(net.shape), "num_classes": net.head.out_features, "blocks_per_stage": blocks, "nf": nf}
+    return {"shape": tuple(net.shape), "num_classes": net.head.out_features, "blocks_per_stage": blocks, "nf": nf,
+            "channels": channels}
 
 
 def describe_classifier(config: Mapping) -> str:
-    """``resnet18_cond(num_classes=10, blocks_per_stage=(2, 2, 2, 2), nf=32, shape=(3, 32, 32))``"""
+    """``resnet18_cond(num_classes=10, blocks_per_stage=(2, 2, 2, 2), nf=32, shape=(3, 32, 32))``; widths other
+    than the official ones are named too (``channels=(8, 8, 16, 16)``)."""
     kind = {(2, 2, 2, 2): "resnet18_cond", (3, 4, 6, 3): "resnet34_cond"}.get(tuple(config["blocks_per_stage"]),
                                                                             "resnet_cond")
+    widths = tuple(config.get("channels", OFFICIAL_CLASSIFIER_WIDTHS))
+    other = "" if widths == OFFICIAL_CLASSIFIER_WIDTHS else f"channels={widths}, "
     return (f"{kind}(num_classes={config['num_classes']}, blocks_per_stage={tuple(config['blocks_per_stage'])}, "
-            f"nf={config['nf']}, shape={tuple(config['shape'])})")
+            f"{other}nf={config['nf']}, shape={tuple(config['shape'])})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import time
@@ -18,7 +19,7 @@ from dlsm.train import distributed as dist
 from dlsm.train.checkpoints import load_ema_weights
 from dlsm.train.loop import train
 
-__all__ = ["STAGE1", "fit", "reuse"]
+__all__ = ["STAGE1", "fit", "load_published", "reuse"]
 
 STAGE1 = "stage1-score"
 
@@ -106,3 +107,31 @@ def reuse(run: Run, stage: str, build: Callable[[], nn.Module]) -> tuple[nn.Modu
             if dist.is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
     return ema.to(run.device), [], run_id
+
+
+def load_published(run: Run, stage: str, scope: str, build: Callable[[], nn.Module],
+                   importer: Callable[[str, nn.Module], int], path: str) -> tuple[nn.Module, str]:
+    """Take ``stage`` from an official checkpoint file instead of training it (``train_score_model.checkpoint``,
+    ``train_classifiers.checkpoints``): build the network in its gin ``scope`` and ``importer(path, network)`` it
+    (:mod:`dlsm.train.official`: every key mapped and checked, the file already checked by
+    :func:`dlsm.preflight.check_published`), recorded as the child run ``stage`` with the file's path, SHA-256 and
+    step. Every rank (torchrun) reads the file itself. Returns (network in eval mode on the run's device, run id)."""
+    tracker = run.tracker
+    with tracker.stage(run.parent_id, stage) as answer:
+        run_id, done = dist.share(answer)
+        t0 = time.perf_counter()
+        seed_everything(run.seed(1))
+        with gin.config_scope(scope):
+            model = build()
+        step = importer(path, model)
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if not done and dist.is_main():
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            tracker.log_params({**run.params, "checkpoint": str(path), "checkpoint_sha256": digest,
+                                "checkpoint_step": step, "network": type(model).__name__, "num_parameters": n})
+            print(f"dlsm: {stage}: {type(model).__name__} with {n:,} parameters from {path} "
+                  f"(official checkpoint, step {step})")
+        run.timings[f"time/{stage}_s"] = time.perf_counter() - t0
+        tracker.log_metrics({"wall_seconds": run.timings[f"time/{stage}_s"]})
+    return model.eval().to(run.device), run_id

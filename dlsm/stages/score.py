@@ -3,11 +3,14 @@ method (c), posterior SM: one DSM score model per class (a moons-only stage)."""
 
 from __future__ import annotations
 
+import functools
+
 import gin
 
 from dlsm.math.scores import PosteriorSMScores
 from dlsm.stages.base import Run, State, build_network
-from dlsm.stages.common import STAGE1, fit, reuse
+from dlsm.stages.common import STAGE1, fit, load_published, reuse
+from dlsm.train.official import import_score_checkpoint
 
 __all__ = ["posterior_sm", "train_score_model"]
 
@@ -17,14 +20,20 @@ def _dsm(run: Run):
 
 
 @gin.configurable(denylist=["run", "state"])
-def train_score_model(run: Run, state: State, *, snapshot=None) -> State:
+def train_score_model(run: Run, state: State, *, snapshot=None, checkpoint: str | None = None) -> State:
     """Stage 1 (child run ``stage1-score``): train the score model with ``experiment.score_loss``
-    (DSM, NCSNv2 eq. 2) in the ``score/`` gin scope, or load it from ``experiment.stage1_run_id``;
-    it is frozen afterwards. ``snapshot(run, state)`` builds a function ``(ema_model, step)`` called
-    every ``score/train.snapshot_every`` steps (e.g. :func:`dlsm.stages.sample.sample_grid_snapshot`)."""
+    (DSM, NCSNv2 eq. 2) in the ``score/`` gin scope, or load it from ``experiment.stage1_run_id``, or from
+    ``checkpoint``, an official score_sde / DLSM score checkpoint file (its EMA weights, as the official sampling
+    uses: :func:`dlsm.train.official.import_score_checkpoint`; checked before anything runs by
+    :func:`dlsm.preflight.check_published`); it is frozen afterwards. ``snapshot(run, state)`` builds a function
+    ``(ema_model, step)`` called every ``score/train.snapshot_every`` steps (e.g.
+    :func:`dlsm.stages.sample.sample_grid_snapshot`)."""
     spec, data = run.spec, state.data
     build = lambda: build_network(spec.score_model, data)  # noqa: E731
-    if spec.stage1_run_id:
+    if checkpoint:
+        importer = functools.partial(import_score_checkpoint, use_ema=True)
+        model, _ = load_published(run, STAGE1, "score", build, importer, checkpoint)
+    elif spec.stage1_run_id:
         model, _, _ = reuse(run, STAGE1, build)
     else:
         model, _, _ = fit(run, STAGE1, "score", run.rundir / "score.pt", build=build, loss_fn=_dsm(run), data=data,

@@ -141,8 +141,11 @@ def _which_classifier(tensors: Mapping[str, torch.Tensor], ours: Mapping) -> str
         return "a score_sde NCSN++ score model, not a classifier"
     head, freqs = tensors.get("classifier.classifier.linear.weight"), tensors.get("classifier.condition_modules.0.W")
     if head is not None and head.dim() == 2 and freqs is not None and freqs.dim() == 1:
+        dense = [tensors.get(f"classifier.classifier.dense_{k}.weight") for k in range(1, 5)]
+        widths = tuple(d.shape[0] for d in dense) if all(d is not None and d.dim() == 2 for d in dense) else None
         for blocks in ((2, 2, 2, 2), (3, 4, 6, 3), ours["blocks_per_stage"]):
-            cfg = {**ours, "num_classes": head.shape[0], "blocks_per_stage": blocks, "nf": freqs.numel()}
+            cfg = {**ours, "num_classes": head.shape[0], "blocks_per_stage": blocks, "nf": freqs.numel(),
+                   "channels": widths or ours["channels"]}
             if _fits(tensors, names.classifier_key_map(cfg)):
                 return names.describe_classifier(cfg)
     return f"another layout ({len(tensors)} tensors)"
@@ -253,8 +256,9 @@ def export_score_checkpoint(net: nn.Module, path: str | os.PathLike, *, ema_net:
 
 def import_classifier_checkpoint(path: str | os.PathLike, net: nn.Module) -> int:
     """Load an official DLSM classifier checkpoint (resnet18_cond / resnet34_cond) into our
-    :class:`~dlsm.nets.convnet.ConvClassifier` ``net`` (``channels=(64, 128, 256, 512)``, ``norm='batch'``,
-    ``condition='stage'``, ``emb_dim = 4 num_frequencies``), BatchNorm statistics included. Returns the step."""
+    :class:`~dlsm.nets.convnet.ConvClassifier` ``net`` (four stages, officially ``channels=(64, 128, 256, 512)``;
+    ``norm='batch'``, ``condition='stage'``, ``emb_dim = 4 num_frequencies``), BatchNorm statistics included.
+    Returns the step."""
     cfg = names.classifier_config(net)
     path = Path(path)
     return _import(path, read_official(path), net, names.classifier_key_map(cfg), names.describe_classifier(cfg),
