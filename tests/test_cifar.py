@@ -4,6 +4,7 @@ the files declare (read back from the operative config the run logs)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -18,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "gin" / "smoke.gin")
 STAGES = {"stage1-score", "stage2-ce", "stage2-total", "sampling", "evaluation", "figures"}
 # the stand-in archives cannot match CIFAR's md5 sums: torchvision's check becomes "the file exists"
-RUNNER = ("import os, sys, torchvision.datasets.cifar as c; "
-          "c.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath); "
-          "from dlsm.launch import main; sys.exit(main(sys.argv[1:]))")
+PRELUDE = ("import torchvision.datasets.cifar as c; "
+           "c.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)")
+RUNNER = f"import os, sys; {PRELUDE}; from dlsm.launch import main; sys.exit(main(sys.argv[1:]))"
 
 
 def launch(cwd: Path, gin_file: str, data_root: Path, *params: str, timeout: int = 400, env: dict | None = None):
@@ -41,7 +42,7 @@ def _runs(cwd: Path, name: str):
 
 
 @pytest.mark.parametrize(("gin_file", "classes"), [("cifar10.gin", 10), ("cifar100.gin", 100)])
-def test_cifar_file_runs_every_stage_under_smoke(tmp_path, gin_file, classes):
+def test_cifar_file_runs_every_stage_under_smoke(tmp_path, monkeypatch, gin_file, classes):
     data = tmp_path / "data"
     if classes == 10:
         make_cifar10(data, per_batch=20, n_test=40, balanced=True)  # 100 train images, 10 per class; 4 test
@@ -58,7 +59,7 @@ def test_cifar_file_runs_every_stage_under_smoke(tmp_path, gin_file, classes):
     score = NCSNpp((3, 32, 32), channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,))
     assert kids["stage1-score"].data.params["network"] == "NCSNpp"
     assert int(kids["stage1-score"].data.params["num_parameters"]) == score.num_parameters()
-    clf = ConvClassifier((3, 32, 32), classes, channels=(8, 16), blocks_per_stage=1, norm="batch",
+    clf = ConvClassifier((3, 32, 32), classes, channels=(8, 8, 16, 16), blocks_per_stage=1, norm="batch",
                          condition="stage", emb_dim=16)
     assert int(kids["stage2-total"].data.params["num_parameters"]) == clf.num_parameters()
     # the published settings smoke.gin leaves alone
@@ -72,6 +73,50 @@ def test_cifar_file_runs_every_stage_under_smoke(tmp_path, gin_file, classes):
         z = np.load(c.download_artifacts(sampling, f"samples/samples-{m}.npz", str(tmp_path)))
         assert z["x"].dtype == np.uint8 and z["x"].shape == (4 * classes, 3, 32, 32)
         assert np.bincount(z["y"]).tolist() == [4] * classes
+    if classes == 10:
+        _exported_round_trip(tmp_path, data, c, kids, score, clf, monkeypatch)
+
+
+def _exported_round_trip(cwd: Path, data: Path, c, kids: dict, score, clf, monkeypatch) -> None:
+    """``python -m dlsm.export`` of the run (its ``main``, in this process): the official-layout files import back
+    (strictly) to the networks the run saved, bit for bit: the score model's EMA and raw weights, each classifier's
+    sampled (EMA) weights."""
+    import gin
+    import mlflow
+    import torch
+    import torchvision.datasets.cifar as cifar
+
+    from dlsm import export
+    from dlsm.train.checkpoints import load_checkpoint, load_ema_weights
+    from dlsm.train.official import import_classifier_checkpoint, import_score_checkpoint
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("DATA_ROOT", str(data))
+    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    uri = mlflow.get_tracking_uri()
+    try:
+        assert export.main(["--run", kids["sampling"].info.run_id, "--out", str(cwd / "official")]) == 0
+    finally:
+        mlflow.set_tracking_uri(uri)
+        gin.clear_config()
+
+    def same(a, b) -> bool:
+        sa, sb = a.state_dict(), b.state_dict()
+        return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    ours = Path(c.download_artifacts(kids["stage1-score"].info.run_id, "checkpoints/score.pt", str(cwd)))
+    official = cwd / "official" / "score" / "checkpoint.pth"
+    assert import_score_checkpoint(official, score) == load_checkpoint(ours)["step"] == 20
+    assert same(score, load_ema_weights(copy.deepcopy(score), ours))
+    import_score_checkpoint(official, score, use_ema=False)
+    raw = copy.deepcopy(score)
+    raw.load_state_dict(load_checkpoint(ours)["model"])
+    assert same(score, raw) and not same(score, load_ema_weights(copy.deepcopy(score), ours))
+    for loss in ("ce", "total"):
+        ours = Path(c.download_artifacts(kids[f"stage2-{loss}"].info.run_id, f"checkpoints/classifier-{loss}.pt",
+                                         str(cwd)))
+        assert import_classifier_checkpoint(cwd / "official" / loss / "checkpoint.pth", clf) == 10
+        assert same(clf, load_ema_weights(copy.deepcopy(clf), ours))
 
 
 def test_published_settings_of_the_cifar_files():

@@ -1,8 +1,8 @@
 """The published-checkpoint experiments (``gin/cifar*_published*.gin``): stage 1 and the classifiers taken from
 official checkpoint files instead of trained, end to end through ``python -m dlsm.launch`` under ``gin/smoke.gin`` on
-tiny CIFAR archives, with checkpoints this test writes in the official layout (the exporter, at smoke widths: the
-official resnet_cond's four stages at widths 8-16); and every bad file as one line before anything is trained,
-sampled or tracked."""
+tiny CIFAR archives, with checkpoints this test writes in the official layout (the exporter, at smoke.gin's widths:
+the official resnet_cond's four stages at widths 8-16, emb_dim 16 = 4 x its 4 frequencies); and every bad file as
+one line before anything is trained, sampled or tracked."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from cases import one_line, run_cases  # tests/, on sys.path
 from cifar_archives import make_cifar10
-from test_cifar import RUNNER, SMOKE, _runs
+from test_cifar import PRELUDE, RUNNER, SMOKE, _runs
 
 from dlsm.nets.convnet import ConvClassifier
 from dlsm.nets.ncsnpp import NCSNpp
@@ -24,8 +24,6 @@ from dlsm.train.official import export_classifier_checkpoint, export_score_check
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
-# smoke.gin's classifier widths in the official resnet_cond's four stages (emb_dim 16 = 4 x its 4 frequencies)
-SMALL_CLASSIFIER = ["ConvClassifier.channels = (8, 8, 16, 16)", "ConvClassifier.blocks_per_stage = 1"]
 SMOKE_SCORE = {"channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (16,)}
 
 
@@ -94,7 +92,7 @@ def test_stages_load_the_files_ema_weights_and_running_statistics(files):
 def _params(files: dict, **overrides: str) -> list[str]:
     macros = {"SCORE_CKPT": repr(str(files["score"])), "BASE_CKPT": repr(str(files["base"])),
               "OURS_CKPT": repr(str(files["ours"])), **overrides}
-    return [f"{k} = {v}" for k, v in macros.items() if v is not None] + SMALL_CLASSIFIER
+    return [f"{k} = {v}" for k, v in macros.items() if v is not None]
 
 
 def _launch(cwd: Path, gin_file: str, data: Path, params: list[str], timeout: int = 400):
@@ -131,9 +129,6 @@ def test_published_networks_sample_and_evaluate_without_training(tmp_path, files
 DEEP = ["NCSNpp.channels = 128", "NCSNpp.channel_mult = (1, 2, 2, 2)", "NCSNpp.num_res_blocks = 8"]
 R18 = ["ConvClassifier.channels = (64, 128, 256, 512)", "ConvClassifier.blocks_per_stage = (2, 2, 2, 2)",
        "ConvClassifier.emb_dim = 128", "ConvClassifier.num_frequencies = 32"]
-# the stand-in archives cannot match CIFAR's md5 sums: torchvision's check becomes "the file exists"
-PRELUDE = ("import torchvision.datasets.cifar as c; "
-           "c.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)")
 
 
 def _fake_official(path: Path, names_file: str) -> Path:
@@ -181,10 +176,8 @@ def _bad_cases(bad: Path, files: dict) -> list[tuple[list[str], str]]:
     ]
 
 
-@pytest.fixture(scope="module")
-def launches(tmp_path_factory, files) -> dict:
+def _launches(tmp: Path, files: dict) -> dict:
     """Every bad case, then gin/cifar10_published_score.gin (trains the classifiers), in one interpreter."""
-    tmp = tmp_path_factory.mktemp("launches")
     (tmp / "bad").mkdir()
     bad = _bad_cases(tmp / "bad", files)
     variant = _params(files, BASE_CKPT=None, OURS_CKPT=None) + ["experiment.stop_after = 'stage2'"]
@@ -197,12 +190,15 @@ def launches(tmp_path_factory, files) -> dict:
             "variant": results[-1]}
 
 
-def test_bad_published_files_are_one_line_before_anything_runs(launches):
+def test_bad_files_are_one_line_and_the_score_only_file_trains_the_classifiers(tmp_path, files):
     """Wrong architecture (the 4-block NCSN++ into the deep config; a CIFAR-100 classifier into CIFAR-10; a score
     model given as a classifier), a truncated file, a file that needs code to unpickle, a missing path, a directory,
-    an unset macro, an unknown classifier name: each exit 2 with one line, no MLflow run, nothing written."""
+    an unset macro, an unknown classifier name: each exit 2 with one line, no MLflow run, nothing written. Then
+    gin/cifar10_published_score.gin: stage 1 loaded, the classifiers trained against it. One test: the launches
+    share one interpreter (tests/cases.py)."""
     from mlflow.tracking import MlflowClient
 
+    launches = _launches(tmp_path, files)
     for i, (result, needle) in enumerate(launches["bad"]):
         assert needle in one_line(result), (i, result["err"])
         case = launches["tmp"] / f"case{i}"
@@ -210,10 +206,6 @@ def test_bad_published_files_are_one_line_before_anything_runs(launches):
         if (case / "mlruns" / "mlflow.db").exists():  # the store may exist; no run in it
             client = MlflowClient(f"sqlite:///{case / 'mlruns' / 'mlflow.db'}")
             assert not client.search_runs([e.experiment_id for e in client.search_experiments()]), i
-
-
-def test_published_score_model_with_classifiers_trained_here(launches, files):
-    """gin/cifar10_published_score.gin: stage 1 loaded, the classifiers trained against it."""
     assert launches["variant"]["rc"] == 0, launches["variant"]["err"][-3000:]
     cwd = launches["tmp"] / f"case{len(launches['bad'])}"
     c, parent, kids = _runs(cwd, "cifar10")
@@ -221,3 +213,20 @@ def test_published_score_model_with_classifiers_trained_here(launches, files):
     for loss in ("ce", "total"):
         assert "checkpoint" not in kids[f"stage2-{loss}"].data.params
         assert len(c.get_metric_history(kids[f"stage2-{loss}"].info.run_id, f"{loss}/loss")) >= 2  # trained
+
+
+def test_export_of_an_unknown_run_is_one_line(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from dlsm import export
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    before = mlflow.get_tracking_uri()
+    try:
+        assert export.main(["--run", "0123abcd", "--out", str(tmp_path / "out")]) == 2
+    finally:
+        mlflow.set_tracking_uri(before)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == [f"dlsm: error: --run 0123abcd: no such MLflow run in {uri}"]
+    assert not (tmp_path / "out").exists()
