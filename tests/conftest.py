@@ -93,7 +93,7 @@ def pytest_configure(config):
 def pytest_collection_finish(session):
     """Stop at once if pytest-xdist's loadgroup left a group mark out of a node id (pytest 9.2 names items by ``_id``,
     which xdist 3.8 does not set): the groups would be ignored and Ray tests would run two at a time."""
-    if not session.config.getvalue("loadgroup"):
+    if not getattr(session.config.option, "loadgroup", False):  # set in xdist workers only
         return
     lost = [i.nodeid for i in session.items if any(i.iter_markers("xdist_group")) and "@" not in i.nodeid]
     if lost:
