@@ -184,6 +184,9 @@ def _check_evaluator(data, scope: str | None) -> None:
                           f"divisible by 4, got {h}x{w}; {fix} or drop @image_metrics from evaluate.suites")
     with gin.config_scope(scope):
         settings = EvaluatorSettings()
+    if scope is None and settings.network != "evaluator":
+        raise ConfigError(f"EvaluatorSettings.network = {settings.network!r} has no feature layer for the metrics: "
+                          f"bind it for CAS alone, cas/EvaluatorSettings.network = {settings.network!r}")
     EvaluatorNet(tuple(data.shape), data.num_classes, width=settings.width, depth=settings.depth)
 
 

@@ -199,7 +199,7 @@ def test_cache_trains_once_then_loads_identical_weights(data, trained, tmp_path,
 
 
 CHANGES = [("seed", 1), ("n_iters", 151), ("batch_size", 32), ("lr", 1e-3), ("augment", True), ("width", 8),
-           ("depth", 2)]
+           ("depth", 2), ("network", "resnet50"), ("lr_schedule", "constant")]
 
 
 def test_cache_path_changes_with_every_setting_and_the_data(data, tmp_path):

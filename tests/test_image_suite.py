@@ -3,6 +3,7 @@ streamed features against one pass, the real-data feature cache, Table 2's markd
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -259,3 +260,79 @@ def test_cas_trains_the_evaluators_network_with_the_experiments_seed(splits, net
         assert seen == [replace(evaluator, seed=3, width=8)] and EvaluatorSettings() == evaluator
     finally:
         gin.clear_config()
+
+
+def test_official_subsets_are_the_first_n_in_class_order_and_each_class_first_n_c():
+    """Known answer: 10 samples of 3 classes drawn interleaved, a training set with 2, 3, 1 per class (6 in all)."""
+    from dlsm.eval.images import _official_subsets
+
+    fy = torch.tensor([2, 0, 1, 0, 1, 2, 0, 1, 1, 0])
+    ff = torch.arange(10, dtype=torch.float64)[:, None]  # each row names its index
+    ry = torch.tensor([0, 1, 2, 1, 0, 1])
+    (of, olog, oy), (cf, cy) = _official_subsets(6, ry, ff, -ff, fy, 3)
+    assert of[:, 0].tolist() == [1, 3, 6, 9, 2, 4] and oy.tolist() == [0, 0, 0, 0, 1, 1]  # class 0's 4, class 1's 2
+    assert torch.equal(olog, -of)
+    assert cf[:, 0].tolist() == [1, 3, 2, 4, 7, 0] and cy.tolist() == [0, 0, 1, 1, 1, 2]
+
+
+def test_truncate_to_real_scores_the_official_subsets():
+    """_scores(truncate=True) equals the metrics computed directly on the hand-picked subsets; sample accuracy counts
+    every sample."""
+    from types import SimpleNamespace
+
+    from dlsm.eval.images import _scores
+
+    g = torch.Generator().manual_seed(0)
+    ry = torch.arange(3).repeat_interleave(torch.tensor([12, 10, 14]))  # 36 real
+    rf = torch.randn(36, 4, generator=g, dtype=torch.float64) + ry[:, None]
+    fy = torch.randint(0, 3, (60,), generator=g)
+    fy[:48] = torch.arange(3).repeat(16)  # at least 16 per class, interleaved
+    ff = torch.randn(60, 4, generator=g, dtype=torch.float64) + fy[:, None]
+    flog = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    net = SimpleNamespace(class_logits=True)
+    out, per_class = _scores((rf, None, ry), (ff, flog, fy), net, 3, k=3, kid_subset_size=10, seed=0, truncate=True)
+    order = [i for c in range(3) for i in range(60) if int(fy[i]) == c]  # class order, drawing order within
+    first = torch.tensor(order[:36])
+    assert out["fid"] == pytest.approx(fid_from_features(rf, ff[first]), rel=1e-9)
+    assert out["precision"] == pytest.approx(prdc(rf, ff[first], k=3)["precision"], rel=1e-12)
+    per_c = [[i for i in order if int(fy[i]) == c][: int((ry == c).sum())] for c in range(3)]
+    for c in range(3):
+        assert per_class[c]["fid"] == pytest.approx(fid_from_features(rf[ry == c], ff[per_c[c]]), rel=1e-9)
+    assert out["cw/fid"] == pytest.approx(sum(per_class[c]["fid"] for c in range(3)) / 3, rel=1e-12)
+    assert out["sample_acc"] == pytest.approx(float((flog.argmax(1) == fy).double().mean()))  # all 60
+    full, _ = _scores((rf, None, ry), (ff, flog, fy), net, 3, k=3, kid_subset_size=10, seed=0)
+    assert full["fid"] != pytest.approx(out["fid"], rel=1e-6)  # the subsets change the numbers
+
+
+def test_official_cas_protocol_trains_torchvisions_resnet50_at_a_constant_learning_rate(splits, monkeypatch):
+    """cas/EvaluatorSettings.network = 'resnet50', lr_schedule = 'constant' (gin/eval_official.gin): torchvision's
+    ResNet-50 from scratch with a 7x7 stride-2 stem on the data's channels (models/classifier_cas.py), Adam at the
+    given rate at every step (the cosine default decays it); the feature evaluator refuses it in one line."""
+    import torchvision
+
+    from dlsm.eval import evaluator as ev_mod
+    from dlsm.eval.evaluator import evaluator_cache_key, train_evaluator
+
+    train, test = splits
+    rates: list[list[float]] = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **kw):
+        rates[-1].append(self.param_groups[0]["lr"])
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    small = train.subset(torch.arange(64))
+    for schedule in ("constant", "cosine"):
+        rates.append([])
+        s = EvaluatorSettings(n_iters=4, batch_size=8, lr=2e-4, network="resnet50", lr_schedule=schedule)
+        model, acc = train_evaluator(small, test.subset(torch.arange(50)), s)
+        assert isinstance(model, torchvision.models.ResNet) and 0.0 <= acc <= 1.0
+        assert tuple(model.conv1.weight.shape) == (64, 1, 7, 7) and model.conv1.stride == (2, 2)
+        assert model.fc.out_features == 10 and not model.training
+    assert rates[0] == [2e-4] * 4
+    assert rates[1] == pytest.approx([2e-4 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)])
+    key = evaluator_cache_key(small, test, EvaluatorSettings(network="resnet50"))
+    assert key["network"] == "resnet50" and key["lr_schedule"] == "cosine"
+    with pytest.raises(ConfigError, match="has no feature layer for the metrics: bind it for CAS alone"):
+        ev_mod.load_or_train_evaluator(small, test, EvaluatorSettings(network="resnet50"), cache_dir=Path("x"))

@@ -249,8 +249,23 @@ def test_decode_inverts_batch_for_all_256_levels(centered):
     assert float(x.min()) == lo and float(x.max()) == hi
     # rounding to the nearest level and clamping outside the range
     step = (hi - lo) / 255
-    probe = torch.tensor([lo - 5.0, lo + 0.4 * step, lo + 0.6 * step, lo + 200.3 * step, hi + 3.0, float("nan")])
-    assert d.decode(probe).tolist() == [0, 0, 1, 200, 255, 0]
+    probe = torch.tensor([lo - 5.0, lo + 0.4 * step, lo + 0.6 * step, lo + 200.3 * step, lo + 200.9 * step,
+                          hi - 0.2 * step, hi + 3.0, float("nan")])
+    assert d.decode(probe).tolist() == [0, 0, 1, 200, 201, 255, 255, 0]
+    # the official sampler's np.clip(255 x, 0, 255).astype(np.uint8): truncation (gin/eval_official.gin)
+    import gin
+
+    from dlsm.data.images import from_model_space
+
+    assert from_model_space(probe, centered=centered, rounding="truncate").tolist() == [0, 0, 0, 200, 200, 254, 255, 0]
+    gin.clear_config()
+    try:
+        gin.bind_parameter("from_model_space.rounding", "truncate")
+        assert d.decode(probe).tolist() == [0, 0, 0, 200, 200, 254, 255, 0]  # the binding reaches decode
+        if not centered:  # (x + 1) 127.5 in float32 falls just below some levels, which truncation then drops
+            assert torch.equal(d.decode(x), u)  # exact levels stay exact
+    finally:
+        gin.clear_config()
 
 
 def test_x_of_class_and_subset():

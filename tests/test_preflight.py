@@ -97,7 +97,8 @@ def test_digits_settings_that_would_fail_late_fail_before_training(params, expec
 @pytest.mark.parametrize(("files", "params"), [
     ([MOONS], []), ([MOONS, SMOKE], []), ([DIGITS], []), ([DIGITS, SMOKE], []),
     ([str(GIN / "moons_table1.gin"), SMOKE], []), ([str(GIN / "digits32.gin"), SMOKE], []),
-    ([DIGITS, SMOKE], ["digits.size = 6", "evaluate.suites = [@classifier_metrics, @sample_metrics]"]),
+    ([DIGITS, SMOKE], ["digits.size = 6", "evaluate.suites = [@classifier_metrics, @sample_metrics]",
+                       "ConvClassifier.channels = (8, 16)"]),  # a classifier that halves 6x6 once (smoke's: thrice)
     ([DIGITS, SMOKE], ["digits.test_fraction = 0.01", "image_metrics.real_row = False"]),  # test split unscored
     ([MOONS, SMOKE], ["sample_metrics.k = 5", "experiment.stop_after = 'stage2'"]),  # this run does not evaluate
     ([MOONS, SMOKE], ["sample_metrics.k = 5", "evaluate.suites = [@classifier_metrics]"]),

@@ -95,8 +95,10 @@ def _params(files: dict, **overrides: str) -> list[str]:
     return [f"{k} = {v}" for k, v in macros.items() if v is not None]
 
 
-def _launch(cwd: Path, gin_file: str, data: Path, params: list[str], timeout: int = 400):
-    cmd = [sys.executable, "-c", RUNNER, "--gin", str(ROOT / "gin" / gin_file), "--gin", SMOKE]
+def _launch(cwd: Path, gin_file: str, data: Path, params: list[str], timeout: int = 400, overlay: str | None = None):
+    cmd = [sys.executable, "-c", RUNNER, "--gin", str(ROOT / "gin" / gin_file)]
+    cmd += ["--gin", str(ROOT / "gin" / overlay)] if overlay else []
+    cmd += ["--gin", SMOKE]
     cmd += [x for p in params for x in ("--gin_param", p)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DATA_ROOT": str(data)}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -107,9 +109,10 @@ def _sha256(path: Path) -> str:
 
 
 def test_published_networks_sample_and_evaluate_without_training(tmp_path, files):
-    """gin/cifar10_published.gin: every network loaded (path, SHA-256 and step recorded), nothing trained, every
-    later stage run; the loaded networks are the exported ones (bit for bit: tests/test_official_checkpoints.py)."""
-    proc = _launch(tmp_path, "cifar10_published.gin", files["data"], _params(files))
+    """gin/cifar10_published.gin with gin/eval_official.gin: every network loaded (path, SHA-256 and step recorded),
+    nothing trained, every later stage run under the official evaluation's bindings; the loaded networks are the
+    exported ones (bit for bit: tests/test_official_checkpoints.py, and the stage test above)."""
+    proc = _launch(tmp_path, "cifar10_published.gin", files["data"], _params(files), overlay="eval_official.gin")
     assert proc.returncode == 0, proc.stderr[-3000:]
     c, parent, kids = _runs(tmp_path, "cifar10")
     assert parent.info.status == "FINISHED"
@@ -124,6 +127,12 @@ def test_published_networks_sample_and_evaluate_without_training(tmp_path, files
     assert not [p for p in tmp_path.rglob("*.pt") if p.name.startswith(("score", "classifier"))]  # none trained
     assert "dlsm: stage1-score: NCSNpp with" in proc.stdout and "(official checkpoint, step 26)" in proc.stdout
     assert kids["sampling"].data.metrics and "ours/cw/fid.evaluator" in parent.data.metrics
+    # the official evaluation overlay reached the run (gin/eval_official.gin after the file, smoke.gin last)
+    p = parent.data.params
+    assert float(p["likelihood_score_and_logits.softmax_eps"]) == 1e-8
+    assert p["from_model_space.rounding"] == "'truncate'"
+    assert p["image_metrics.truncate_to_real"] == "True" and p["cas/EvaluatorSettings.network"] == "'resnet50'"
+    assert int(p["cas/EvaluatorSettings.n_iters"]) == 5 and 0 <= parent.data.metrics["ours/cas"] <= 1
 
 
 DEEP = ["NCSNpp.channels = 128", "NCSNpp.channel_mult = (1, 2, 2, 2)", "NCSNpp.num_res_blocks = 8"]
@@ -230,3 +239,13 @@ def test_export_of_an_unknown_run_is_one_line(tmp_path, monkeypatch, capsys):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert lines == [f"dlsm: error: --run 0123abcd: no such MLflow run in {uri}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_every_binding_of_the_official_overlay_is_documented_with_its_source():
+    """gin/eval_official.gin: each binding line appears in docs/published.md's table, with an official file named."""
+    bindings = [ln.strip() for ln in (ROOT / "gin" / "eval_official.gin").read_text().splitlines()
+                if ln.strip() and not ln.lstrip().startswith("#")]
+    rows = {ln.split("|")[1].strip().strip("`"): ln for ln in (ROOT / "docs" / "published.md").read_text().splitlines()
+            if ln.startswith("| `")}
+    assert len(bindings) == 10 and set(bindings) <= set(rows), set(bindings) - set(rows)
+    assert all(".py" in rows[b].split("|")[4] for b in bindings)

@@ -313,3 +313,35 @@ def test_model_scores_use_eval_mode_and_accept_plain_functions():
     _close(scores.posterior(x, sigma_arg, 1), _class_score(x_np, mu, s, sig, 1), tol=1e-8)
     grad, _ = likelihood_score_and_logits(clf, x, sigma_arg, torch.ones(16, dtype=torch.long))
     assert not grad.requires_grad  # create_graph=False unless asked (DLSM' asks)
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.05, 0.5])
+def test_softmax_eps_gives_the_official_gradient_p_over_p_plus_eps_times_the_exact(eps):
+    """likelihood_score_and_logits(softmax_eps=eps) differentiates log(softmax + eps) (the official DLSM sampler and
+    loss): for logits W x + b, grad = p_y / (p_y + eps) (W_y - sum_k p_k W_k), written out in float64; eps = None is
+    the exact log_softmax gradient (the factor 1). The gin binding reaches the samplers' ModelScores too."""
+    import gin
+
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    x = 2.0 * torch.randn(5, 6, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0])
+
+    def classifier(x, sigma):
+        return x @ w.T + b
+
+    p = torch.softmax(x @ w.T + b, dim=-1)
+    exact = w[y] - p @ w  # (5, 6): W_y - sum_k p_k W_k
+    factor = p.gather(-1, y[:, None]) / (p.gather(-1, y[:, None]) + eps)
+    torch.testing.assert_close(likelihood_score_and_logits(classifier, x, 1.0, y, softmax_eps=eps)[0], factor * exact,
+                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(likelihood_score(classifier, x, 1.0, y), exact, rtol=1e-12, atol=1e-15)
+    if eps >= 0.05:
+        assert (factor[:, 0] < 0.9).any()  # the two visibly differ here
+    gin.clear_config()
+    try:
+        gin.bind_parameter("likelihood_score_and_logits.softmax_eps", eps)
+        scores = ModelScores(lambda x, s: torch.zeros_like(x), classifier, alpha=2.0)
+        torch.testing.assert_close(scores.likelihood(x, 1.0, y), 2.0 * factor * exact, rtol=1e-12, atol=1e-15)
+    finally:
+        gin.clear_config()

@@ -23,7 +23,7 @@ import gin
 import torch
 import torch.nn.functional as F
 
-from dlsm.errors import DataError
+from dlsm.errors import ConfigError, DataError
 
 __all__ = [
     "ImageData",
@@ -45,15 +45,24 @@ def to_model_space(u: torch.Tensor, *, centered: bool = False) -> torch.Tensor:
     return x.mul_(2.0).sub_(1.0) if centered else x
 
 
-def from_model_space(x: torch.Tensor, *, centered: bool = False) -> torch.Tensor:
+@gin.configurable(allowlist=["rounding"])
+def from_model_space(x: torch.Tensor, *, centered: bool = False, rounding: str = "nearest") -> torch.Tensor:
     """float model space -> uint8 pixels, the inverse of ``to_model_space``: the nearest of the 256 levels.
 
     ``round(255 x)`` (or ``round(127.5 (x + 1))`` if centered), clamped to [0, 255]; rounding is half to even;
     NaN maps to 0. For every uint8 ``u``, ``from_model_space(to_model_space(u)) == u`` exactly.
+    ``rounding = 'truncate'`` takes floor(clamp(255 x, 0, 255)) instead, as the official DLSM sampler saves images
+    (``np.clip(x * 255, 0, 255).astype(np.uint8)``, ``run_lib_sampling.py``): on average half a level darker
+    (``gin/eval_official.gin`` binds it; it reaches every sample decoded: saved, streamed, evaluated). It keeps
+    ``to_model_space`` levels exact in [0, 1] (the official data space), not when centered: there
+    (x + 1) 127.5 falls just below some levels in float32.
     """
+    if rounding not in ("nearest", "truncate"):
+        raise ConfigError(f"from_model_space.rounding must be 'nearest' or 'truncate', got {rounding!r}")
     v = x.to(torch.float32)
     v = (v + 1.0) * 127.5 if centered else v * 255.0
-    return torch.nan_to_num(v.round(), nan=0.0).clamp_(0.0, 255.0).to(torch.uint8)
+    v = torch.nan_to_num(v, nan=0.0).clamp_(0.0, 255.0)
+    return (v.round() if rounding == "nearest" else v.floor()).to(torch.uint8)
 
 
 def random_hflip(images: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -101,7 +101,10 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "augment": ("True or False", lambda v: isinstance(v, bool)),
     "width": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "depth": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "network": ("'evaluator' or 'resnet50'", lambda v: v in ("evaluator", "resnet50")),
+    "lr_schedule": ("'cosine' or 'constant'", lambda v: v in ("cosine", "constant")),
 }
+
 
 
 @gin.configurable
@@ -120,6 +123,10 @@ class EvaluatorSettings:
         augment: random mirroring and crops (CIFAR; not for digits).
         width: channels of the network's first stage (features: ``4 * width``).
         depth: basic blocks per stage (ResNet-(6 depth + 2)).
+        network: 'evaluator' (:class:`EvaluatorNet`) or 'resnet50', for CAS alone: torchvision's ResNet-50 from
+            scratch with its 7x7 stride-2 stem on the data's channels, as the official DLSM CAS
+            (``models/classifier_cas.py``); ``width`` and ``depth`` do not apply to it.
+        lr_schedule: 'cosine' (decayed to 0) or 'constant' (the official CAS: Adam at 2e-4 throughout).
     """
 
     seed: int = 0
@@ -129,6 +136,8 @@ class EvaluatorSettings:
     augment: bool = False
     width: int = DEFAULT_WIDTH
     depth: int = DEFAULT_DEPTH
+    network: str = "evaluator"
+    lr_schedule: str = "cosine"
 
     def __post_init__(self) -> None:
         for name, (what, ok) in _RULES.items():
@@ -188,6 +197,17 @@ def test_accuracy(net: EvaluatorNet, data: ImageData, *, batch_size: int = 500) 
 test_accuracy.__test__ = False  # not a pytest test, despite its name
 
 
+def _network(s: EvaluatorSettings, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The network ``s.network`` names, freshly initialised from the global stream."""
+    if s.network == "evaluator":
+        return EvaluatorNet(shape, num_classes, width=s.width, depth=s.depth)
+    from torchvision.models import resnet50
+
+    net = resnet50(weights=None, num_classes=num_classes)  # nothing downloads
+    net.conv1 = nn.Conv2d(shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return net
+
+
 def train_evaluator(
     train: ImageData, test: ImageData, settings: EvaluatorSettings, *, device: str | torch.device = "cpu"
 ) -> tuple[EvaluatorNet, float]:
@@ -205,11 +225,13 @@ def train_evaluator(
     data = train.to(dev)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)
-        net = EvaluatorNet(train.shape, train.num_classes, width=s.width, depth=s.depth)
+        net = _network(s, train.shape, train.num_classes)
     net.to(dev).train()
     gen = make_generator(s.seed, dev)
     opt = torch.optim.Adam(net.parameters(), lr=s.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / s.n_iters)))
+    cosine = s.lr_schedule == "cosine"
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / s.n_iters)) if cosine else 1.0)
     pad = max(1, train.shape[1] // 8)
     for _ in range(s.n_iters):
         idx = torch.randint(0, len(data), (s.batch_size,), generator=gen, device=dev)
@@ -253,6 +275,8 @@ def evaluator_cache_key(train: ImageData, test: ImageData, settings: EvaluatorSe
         "augment": bool(s.augment),
         "width": int(s.width),
         "depth": int(s.depth),
+        "network": s.network,
+        "lr_schedule": s.lr_schedule,
     }
 
 
@@ -286,6 +310,9 @@ def load_or_train_evaluator(
     network is a one-line CheckpointError (delete the file to retrain).
     """
     s = _check_settings("load_or_train_evaluator", settings)
+    if s.network != "evaluator":
+        raise ConfigError(f"EvaluatorSettings.network = {s.network!r} has no feature layer for the metrics: bind it "
+                          f"for CAS alone, cas/EvaluatorSettings.network = {s.network!r}")
     _check_data(train, test)
     key = evaluator_cache_key(train, test, s)
     path = _path_for(cache_dir, key)

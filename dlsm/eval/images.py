@@ -228,6 +228,19 @@ def check_samples(method: str, images: Tensor, labels: Tensor, data: ImageData) 
                         f"[{int(labels.min())}, {int(labels.max())}]")
 
 
+def _official_subsets(n_real: int, ry: Tensor, ff: Tensor, flog: Tensor, fy: Tensor, num_classes: int) -> tuple[
+        tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The official evaluation's subsets (``run_lib_evaluation.py``): the samples in class order (stable, so each
+    class keeps its drawing order), cut to the first ``n_real`` (the real training set's size) for the overall
+    metrics; and each class's first n_c for the class-wise ones, n_c its count in the training set. With 5,100 per
+    class drawn on CIFAR-10: 5,000 per class and 50,000 overall; with 600 on CIFAR-100: 500 per class and the first
+    50,000, which leaves classes 84-99 (and all but 200 of class 83) out of the overall metrics."""
+    order = torch.argsort(fy, stable=True)
+    ff, flog, fy = ff[order], flog[order], fy[order]
+    keep = torch.cat([torch.nonzero(fy == c).flatten()[: int((ry == c).sum())] for c in range(num_classes)])
+    return (ff[:n_real], flog[:n_real], fy[:n_real]), (ff[keep], fy[keep])
+
+
 def _scores(
     real: tuple[Tensor, Tensor, Tensor],
     fake: tuple[Tensor, Tensor, Tensor],
@@ -237,19 +250,24 @@ def _scores(
     k: int,
     kid_subset_size: int,
     seed: int,
+    truncate: bool = False,
 ) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
-    """One method's numbers under one feature network, and its per-class P/R/D/C and FID (Figure 4)."""
+    """One method's numbers under one feature network, and its per-class P/R/D/C and FID (Figure 4); with
+    ``truncate`` the official subsets (:func:`_official_subsets`)."""
     (rf, _, ry), (ff, flog, fy) = real, fake
+    fake_cw, all_logits, all_labels = (ff, fy), flog, fy
+    if truncate:
+        (ff, flog, fy), fake_cw = _official_subsets(len(rf), ry, ff, flog, fy, num_classes)
     out: dict[str, float] = {"fid": fid_from_features(rf, ff)}
     out["kid"] = kid_from_features(rf, ff, subset_size=min(kid_subset_size, len(rf), len(ff)), seed=seed)[0]
     out["is"] = inception_score_from_logits(flog, splits=1)[0]
     out.update(prdc(rf, ff, k=k))
-    cw_prdc, per_prdc = classwise(prdc, rf, ry, ff, fy, num_classes, k=k)
-    cw_fid, per_fid = classwise(fid_from_features, rf, ry, ff, fy, num_classes)
+    cw_prdc, per_prdc = classwise(prdc, rf, ry, *fake_cw, num_classes, k=k)
+    cw_fid, per_fid = classwise(fid_from_features, rf, ry, *fake_cw, num_classes)
     out.update({f"cw/{m}": v for m, v in cw_prdc.items()})
     out["cw/fid"] = cw_fid
     if net.class_logits:
-        out["sample_acc"] = float((flog.argmax(1) == fy).double().mean())
+        out["sample_acc"] = float((all_logits.argmax(1) == all_labels).double().mean())
     per_class = {c: {**per_prdc[c], "fid": per_fid[c]} for c in range(num_classes)}
     return out, per_class
 
@@ -262,6 +280,7 @@ def image_metrics(
     kid_subset_size: int = 1000,
     with_cas: bool = True,
     real_row: bool = True,
+    truncate_to_real: bool = False,
 ) -> dict[str, float]:
     """Table 2 of the DLSM paper for every sampled method of an image experiment (names in the module docstring).
 
@@ -271,6 +290,9 @@ def image_metrics(
     ``cas`` (``cas/EvaluatorSettings.n_iters = ...`` changes CAS alone), seeded by the experiment.
     ``real_row``: also score the real test split (row ``real``). Adds ``ev.artifacts``: ``tables/table2.{net}.md``
     and ``plots/figure4.{net}.png`` per feature network, and the per-class numbers as JSON.
+    ``truncate_to_real``: score the official evaluation's subsets of the samples (:func:`_official_subsets`: the
+    first N in class order overall, each class's first n_c class-wise, N and n_c the training set's); sample
+    accuracy and CAS use every sample. Off by default (every sample counts); ``gin/eval_official.gin`` sets it.
     """
     data: ImageData = ev.data
     if not isinstance(data, ImageData):
@@ -303,7 +325,7 @@ def image_metrics(
         per_class_all[net.name] = {}
         for method, fake in rows.items():
             scores, per_class = _scores(real, fake, net, data.num_classes, k=k, kid_subset_size=kid_subset_size,
-                                        seed=ev.seed)
+                                        seed=ev.seed, truncate=truncate_to_real and method != "real")
             out.update({f"{method}/{m}.{net.name}" if m != "sample_acc" else f"{method}/sample_acc": v
                         for m, v in scores.items()})
             per_class_all[net.name][method] = per_class

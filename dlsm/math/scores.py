@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import gin
 import torch
 from torch import nn
+
+from dlsm.config import constrain, finite_positive
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]
 
@@ -29,6 +32,7 @@ __all__ = [
 ]
 
 
+@gin.configurable(allowlist=["softmax_eps"])
 def likelihood_score_and_logits(
     classifier: nn.Module,
     x: torch.Tensor,
@@ -36,17 +40,29 @@ def likelihood_score_and_logits(
     y: torch.Tensor,
     *,
     create_graph: bool = False,
+    softmax_eps: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x log p(y|x, sigma; theta), logits) from one classifier forward pass.
 
     With ``create_graph=True`` the gradient stays differentiable in theta (needed by DLSM').
+    ``softmax_eps``: None (default) differentiates log p = log_softmax(logits)[y]; a number differentiates
+    log(softmax(logits)[y] + eps), as the official DLSM code does with 1e-8 in its sampler and its DLSM' loss
+    (``sampling.py``, ``sde_lib.py``, ``losses.py``). Its gradient is p / (p + eps) times the exact one, so the
+    two agree where p(y|x) >> eps and the official one vanishes where the classifier is confidently wrong
+    (``gin/eval_official.gin`` binds it; a gin binding reaches sampling, DLSM' and the mechanism metrics alike).
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         logits = classifier(x, sigma)
-        log_p = torch.log_softmax(logits, dim=-1).gather(-1, y[:, None]).sum()
+        if softmax_eps is None:
+            log_p = torch.log_softmax(logits, dim=-1).gather(-1, y[:, None]).sum()
+        else:
+            log_p = torch.log(torch.softmax(logits, dim=-1).gather(-1, y[:, None]) + softmax_eps).sum()
         (grad,) = torch.autograd.grad(log_p, x, create_graph=create_graph)
     return grad, logits
+
+
+constrain(likelihood_score_and_logits, "softmax_eps", finite_positive)
 
 
 def likelihood_score(
