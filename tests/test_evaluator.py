@@ -222,7 +222,7 @@ def test_cache_path_changes_with_every_setting_and_the_data(data, tmp_path):
     assert len(paths) == 1 + len(CHANGES) + 6
     # every training setting is a field of the one settings object, part of the key, and changed above; the
     # functions that train take that object and no other setting
-    key = evaluator_cache_key(train, test, SETTINGS)
+    key = evaluator_cache_key(train, test, replace(SETTINGS, **dict(CHANGES)))  # later fields: keyed when changed
     names = {f.name for f in fields(EvaluatorSettings)}
     assert names <= set(key) and {name for name, _ in CHANGES} == names
     for fn, skip in [(train_evaluator, {"train", "test", "device"}),

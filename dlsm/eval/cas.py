@@ -8,10 +8,12 @@ project's evaluator (:mod:`dlsm.eval.evaluator`), trained from scratch by :func:
 with an :class:`~dlsm.eval.evaluator.EvaluatorSettings`:
 
 - network: :class:`~dlsm.eval.evaluator.EvaluatorNet`, the CIFAR ResNet-(6 depth + 2) of He et al. 2016 with widths
-  (w, 2w, 4w), BatchNorm; ``width``, ``depth`` (default 16, 1);
+  (w, 2w, 4w), BatchNorm; ``width``, ``depth`` (default 16, 1); or, with ``network = 'resnet50'`` (the official DLSM
+  CAS, ``gin/eval_official.gin``), torchvision's ResNet-50 with a 7x7 stride-2 stem on the data's channels;
 - steps: ``n_iters`` (default 200) of ``batch_size`` (default 64) images drawn uniformly with replacement, i.e. the
   same number of gradient steps whatever the number of samples;
-- optimiser: Adam (betas 0.9, 0.999, no weight decay), ``lr`` (default 2e-3) decayed to 0 by a half cosine;
+- optimiser: Adam (betas 0.9, 0.999, no weight decay), ``lr`` (default 2e-3) decayed to 0 by a half cosine, or
+  constant with ``lr_schedule = 'constant'``;
 - augmentation: none by default; ``augment=True`` adds random mirroring and a random crop from the image padded by
   max(1, H // 8) pixels (He et al. 2016; for CIFAR, not for digits);
 - seed: weights from ``torch.manual_seed(seed)``, batches and augmentation from ``make_generator(seed, device)``;

@@ -2,7 +2,8 @@
 whose penultimate features and logits stand in for Inception's where Inception cannot be used (digits, offline).
 
 Settings (:class:`EvaluatorSettings`): one frozen object holds every training setting, ``seed``, ``n_iters``,
-``batch_size``, ``lr``, ``augment``, ``width`` and ``depth``; it is a gin configurable bound once
+``batch_size``, ``lr``, ``augment``, ``width``, ``depth``, ``network`` and ``lr_schedule`` (the last two let CAS
+train the official protocol's ResNet-50 at a constant rate); it is a gin configurable bound once
 (``EvaluatorSettings.width = 32``), and the CAS protocol (:mod:`dlsm.eval.cas`) trains with the same object, read in
 the gin scope ``cas`` (``cas/EvaluatorSettings.n_iters = ...`` changes CAS alone) and seeded by the experiment.
 
@@ -104,6 +105,9 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "network": ("'evaluator' or 'resnet50'", lambda v: v in ("evaluator", "resnet50")),
     "lr_schedule": ("'cosine' or 'constant'", lambda v: v in ("cosine", "constant")),
 }
+# fields added after the key was first written: keyed only when they differ from these defaults, so the caches of
+# the default settings keep their file names (tests/test_evaluator.py pins that key)
+_LATER_FIELDS = {"network": "evaluator", "lr_schedule": "cosine"}
 
 
 
@@ -217,7 +221,8 @@ def train_evaluator(
     Per step: ``idx ~ U{0..N-1}^batch_size`` (with replacement), then with ``augment`` the flip coins
     (:func:`dlsm.data.images.random_hflip`) and the crop offsets (:func:`random_crop`), all from
     ``make_generator(seed, device)``; loss = mean cross-entropy; Adam step at
-    ``lr_t = lr (1 + cos(pi t / n_iters)) / 2``, t = 0..n_iters-1.
+    ``lr_t = lr (1 + cos(pi t / n_iters)) / 2``, t = 0..n_iters-1 (``lr_schedule = 'constant'``: ``lr_t = lr``).
+    ``network = 'resnet50'`` trains torchvision's ResNet-50 instead (CAS only), returned in place of the EvaluatorNet.
     """
     s = _check_settings("train_evaluator", settings)
     _check_data(train, test)
@@ -256,7 +261,8 @@ def _sha256(*tensors: torch.Tensor) -> str:
 
 def evaluator_cache_key(train: ImageData, test: ImageData, settings: EvaluatorSettings) -> dict:
     """The fields that identify a trained evaluator: version, data identity (name, classes, model space, shape,
-    sizes, SHA-256 of each split's pixels and labels) and every field of ``settings``."""
+    sizes, SHA-256 of each split's pixels and labels) and every field of ``settings`` (``network`` and
+    ``lr_schedule`` only where they differ from their defaults, which keeps the default key of evaluator-v1)."""
     s = _check_settings("evaluator_cache_key", settings)
     return {
         "version": EVALUATOR_VERSION,
@@ -275,8 +281,7 @@ def evaluator_cache_key(train: ImageData, test: ImageData, settings: EvaluatorSe
         "augment": bool(s.augment),
         "width": int(s.width),
         "depth": int(s.depth),
-        "network": s.network,
-        "lr_schedule": s.lr_schedule,
+        **{f: getattr(s, f) for f, default in _LATER_FIELDS.items() if getattr(s, f) != default},
     }
 
 
