@@ -118,37 +118,29 @@ def test_digits_table2_metrics_tables_and_figure4_are_logged(digits_run, tmp_pat
     assert f"{m['ours/fid.evaluator']:.4g}" in rows[-1]
 
 
-def _evaluate(cwd: Path, *args: str):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "dlsm.evaluate", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 def test_dlsm_evaluate_recomputes_the_streamed_metrics_from_the_saved_samples(digits_run):
     """python -m dlsm.evaluate --run PARENT: the same numbers from the uint8 samples as streamed while sampling;
-    --run SAMPLING_RUN with another k: a new re-evaluation run with that k; an unknown run: one line."""
+    --run SAMPLING_RUN with another k: a new re-evaluation run with that k; an unknown run: one line. The three
+    commands run in one interpreter (tests/cases.py), one after another."""
     cwd, c, parent, kids = digits_run
-    proc = _evaluate(cwd, "--run", parent.info.run_id)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    argvs = [["--run", parent.info.run_id],
+             ["--run", kids["sampling"].info.run_id, "--gin_param", "image_metrics.k = 1",
+              "--gin_param", "image_metrics.with_cas = False"],
+             ["--run", "0123456789abcdef"]]
+    first, second, unknown = run_cases([{"cwd": cwd, "module": "dlsm.evaluate", "argv": a} for a in argvs])
+    assert first["rc"] == 0 and second["rc"] == 0, (first["err"][-3000:], second["err"][-3000:])
     streamed = kids["evaluation"].data.metrics
-
-    def latest_reevaluation():
-        runs = c.search_runs([parent.info.experiment_id], filter_string="tags.`dlsm.stage` = 're-evaluation'",
-                             order_by=["attributes.start_time DESC"])
-        return runs[0]
-
-    again = latest_reevaluation().data.metrics
+    runs = c.search_runs([parent.info.experiment_id], filter_string="tags.`dlsm.stage` = 're-evaluation'",
+                         order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2
+    again = runs[0].data.metrics
     for key in ("ours/fid.evaluator", "base/precision.evaluator", "scaling/cw/coverage.evaluator", "ours/cas",
                 "base/sample_acc", "real/recall.evaluator"):
         assert again[key] == pytest.approx(streamed[key], rel=1e-4, abs=1e-6), key
-    proc = _evaluate(cwd, "--run", kids["sampling"].info.run_id, "--gin_param", "image_metrics.k = 1",
-                     "--gin_param", "image_metrics.with_cas = False")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = latest_reevaluation()
+    run = runs[1]
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and "ours/cas" not in run.data.metrics
     assert "k = 1" in Path(c.download_artifacts(run.info.run_id, "tables/table2.evaluator.md", str(cwd))).read_text()
-    line = _one_line(_evaluate(cwd, "--run", "0123456789abcdef"))
-    assert "--run 0123456789abcdef: no such MLflow run" in line
+    assert "--run 0123456789abcdef: no such MLflow run" in one_line(unknown)
 
 
 def test_sanity_rows_unconditional_and_exact_likelihood(tmp_path):
@@ -216,12 +208,6 @@ def test_frontier_file_runs_under_smoke_with_every_point(tmp_path):
     assert sorted(p.data.params["method"] for p in points) == sorted([*methods, "exact"])
     lams = {p.data.params["method"]: p.data.params.get("lam") for p in points}
     assert lams["total_lam0.125_a5"] == "0.125" and lams["total_a2"] == "1.0" and lams["ce_a3"] is None
-
-
-def _one_line(proc) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dlsm: error:"), proc.stderr[-2000:]
-    return lines[0]
 
 
 def _nothing_written(cwd: Path) -> None:

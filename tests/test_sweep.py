@@ -90,9 +90,10 @@ def test_lambda_sweep_four_fractional_gpu_trials_as_mlflow_children(tmp_path):
 
 
 def test_sweep_where_every_trial_fails_exits_non_zero(tmp_path):
-    # stage 1 is fine (shared, trained in the driver); every trial's stage 2 is misconfigured
+    # stage 1 is fine (shared, trained in the driver); every trial's stage 2 is misconfigured; no retry (the retry of
+    # a failed trial is tests/test_ray_local.py's killed-worker test)
     proc = sweep(tmp_path, "sweep_lambda.py", "--values", "0.1",
-                 params=[*TINY, "classifier/train.n_iters = 0", "sweep.max_failures = 1"])
+                 params=[*TINY, "classifier/train.n_iters = 0", "sweep.max_failures = 0"])
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = [ln for ln in proc.stderr.splitlines() if ln.startswith("dlsm: error:")]
     assert last and "every trial of the sweep failed (1 of 1)" in last[-1], proc.stderr[-3000:]
