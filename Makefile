@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -e '.[dev]'  # no .pyc for all of torch now: imports compile what they use
+	$(PY) -m pip install -q -e '.[dev]'  # with pip's .pyc: under PYTHONDONTWRITEBYTECODE=1 imports would not write them
 	touch $(STAMP)
 
 demo: $(STAMP)
