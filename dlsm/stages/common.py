@@ -116,7 +116,7 @@ def load_published(run: Run, stage: str, scope: str, build: Callable[[], nn.Modu
     (:mod:`dlsm.train.official`: every key mapped and checked, the file already checked by
     :func:`dlsm.preflight.check_published`), recorded as the child run ``stage`` with the file's path, SHA-256 and
     step. Every rank (torchrun) reads the file itself. Returns (network in eval mode on the run's device, run id)."""
-    tracker = run.tracker
+    tracker, path = run.tracker, str(Path(path).expanduser())  # as dlsm.preflight.check_published read it
     with tracker.stage(run.parent_id, stage) as answer:
         run_id, done = dist.share(answer)
         t0 = time.perf_counter()
