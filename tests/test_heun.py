@@ -438,3 +438,29 @@ def test_on_the_gpu_it_stays_there_reproduces_and_does_not_sync_per_step(churn):
     assert a.device.type == "cuda" and a.dtype == torch.float32 and bool(a.isfinite().all())
     assert torch.equal(a, run(3, 16)) and (not churn or not torch.equal(a, run(4, 16)))
     assert syncs(8) == syncs(32) <= 3
+
+
+def test_churned_levels_are_edm_algorithm_2s_known_values():
+    """sigma_hat_i = (1 + gamma) sigma_i with gamma = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], written
+    out for N = 4 levels (plus sigma_N = 0): S_churn = 0.8 gives gamma = 0.2 (below the cap), S_churn = 40 the cap."""
+    from dlsm.math.heun import _churned
+
+    levels = [8.0, 4.0, 2.0, 1.0, 0.0]
+    assert _churned(levels, 0.8, 0.0, math.inf) == pytest.approx([9.6, 4.8, 2.4, 1.2], rel=1e-15)
+    assert _churned(levels, 0.8, 1.5, 5.0) == pytest.approx([8.0, 4.8, 2.4, 1.0], rel=1e-15)  # only 4 and 2 raised
+    assert _churned(levels, 40.0, 0.0, math.inf) == pytest.approx([t * math.sqrt(2.0) for t in levels[:-1]], rel=1e-15)
+    assert _churned(levels, 0.0, 0.0, math.inf) == levels[:-1]  # no churn: the levels themselves
+
+
+def test_the_boundaries_of_the_settings():
+    """The smallest valid settings pass (n_steps = 2, rho below 1, a level exactly at S_tmin or S_tmax is churned)
+    and the first invalid ones fail: sigma_max = sigma_min, n = 1.5 or 2.5 (not an int), True (a bool)."""
+    from dlsm.math.heun import _churned
+
+    torch.testing.assert_close(karras_sigmas(1.0, 4.0, 2, 0.5), torch.tensor([4.0, 1.0], dtype=torch.float64))
+    out = heun_sampler(gaussian_score(MU, S), _x0(2), torch.tensor([20.0, 0.5]), n_steps=2, rho=0.5, disable=True)
+    assert torch.isfinite(out).all()
+    assert _churned([8.0, 4.0, 2.0, 1.0, 0.0], 0.8, 2.0, 4.0) == pytest.approx([8.0, 4.8, 2.4, 1.0], rel=1e-15)
+    for args in ((2.0, 2.0, 5, 7.0), (0.01, 20.0, 1.5, 7.0), (0.01, 20.0, 2.5, 7.0), (0.01, 20.0, True, 7.0)):
+        with pytest.raises(ConfigError):
+            karras_sigmas(*args)
