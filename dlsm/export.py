@@ -100,8 +100,8 @@ def export_run(run_id: str, out: str | Path) -> dict[str, Path]:
             if not isinstance(net, NCSNpp):
                 raise CheckpointError(f"the score model is {type(net).__name__}: only NCSNpp has an official "
                                       "(score_sde) counterpart")
+            ema = load_ema_weights(net, path)  # AveragedModel copies net: its EMA, net itself left as built
             load_into(net, state["model"], path, "score model")
-            ema = load_ema_weights(build_network(spec.score_model, data), path)
             sched = noise_schedule(data)
             written["score"] = out / "score" / "checkpoint.pth"
             export_score_checkpoint(net, written["score"], ema_net=ema, step=int(state["step"]),
@@ -120,8 +120,7 @@ def export_run(run_id: str, out: str | Path) -> dict[str, Path]:
                 if not isinstance(net, ConvClassifier):
                     raise CheckpointError(f"classifier {key} is {type(net).__name__}: only ConvClassifier has an "
                                           "official (resnet_cond) counterpart")
-                with gin.config_scope("classifier"):
-                    ema = load_ema_weights(build_network(make, data, num_classes=data.num_classes), path)
+                ema = load_ema_weights(net, path)
                 written[key] = out / key / "checkpoint.pth"
                 export_classifier_checkpoint(ema, written[key], step=int(state["step"]))
     return written
