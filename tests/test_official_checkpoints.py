@@ -333,6 +333,10 @@ def test_missing_directory_truncated_and_code_needing_files_are_one_line(tmp_pat
     _raises(lambda: import_score_checkpoint(tmp_path / "code.pth", net),
             f"checkpoint {tmp_path / 'code.pth'} needs code to unpickle ({Gadget.__module__}.Gadget), which "
             f"weights_only loading refuses; only tensors, numbers and plain containers are read", net, capsys)
+    (tmp_path / "notes.pth").write_text("not a checkpoint\n")  # no pickle at all: unreadable, not "needs code"
+    _raises(lambda: import_score_checkpoint(tmp_path / "notes.pth", net),
+            f"checkpoint {tmp_path / 'notes.pth'} is unreadable (UnpicklingError): truncated, corrupt or not a torch "
+            f"file", net)
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
     _raises(lambda: import_score_checkpoint(tmp_path / "other.pth", net),
             f"checkpoint {tmp_path / 'other.pth'} is not an official score_sde / DLSM checkpoint "

@@ -22,7 +22,7 @@ __all__ = ["train_classifiers"]
 @gin.configurable(denylist=["run", "state"])
 def train_classifiers(
     run: Run, state: State, *, seeds: int = 1, tracker: Callable[..., Callable[[nn.Module], dict]] | None = None,
-    checkpoints: dict[str, str] | None = None,
+    checkpoints: dict[str, str | None] | None = None,
 ) -> State:
     """Stage 2 (child runs ``stage2-{loss}[-{shape}][-seed{k}]``): for every classifier shape of
     ``experiment.classifier`` and every loss of ``experiment.classifier_losses``, train a classifier in

@@ -68,7 +68,10 @@ def read_official(path: str | os.PathLike) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = found.group(1) if found else "a Python object"
+        if found is None:  # not a pickle at all (a text file, random bytes): torch reports an unsupported operand
+            raise CheckpointError(f"checkpoint {path} is unreadable (UnpicklingError): truncated, corrupt or not a "
+                                  "torch file") from None
+        what = found.group(1)
         raise CheckpointError(
             f"checkpoint {path} needs code to unpickle ({what}), which weights_only loading refuses; "
             f"only tensors, numbers and plain containers are read"
