@@ -4,8 +4,11 @@ FID / KID / IS against closed forms and float64 references; the Inception route 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import http.server
 import io
 import math
+import threading
 import time
 
 import numpy as np
@@ -17,12 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlsm.errors import ConfigError, DataError
+from dlsm.eval import fid
 from dlsm.eval.fid import (
     INCEPTION_WEIGHTS_URL,
     fid_from_features,
     inception_features,
     inception_score_from_logits,
     inception_score_from_probs,
+    inception_weights_path,
     kid_from_features,
     load_inception,
 )
@@ -379,7 +384,7 @@ def test_missing_inception_weights_offline_is_one_fast_line(empty_caches, no_net
     cached = empty_caches / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     assert one_line(err) == ("Inception-v3 weights not found (nothing is downloaded): download "
                              f"{INCEPTION_WEIGHTS_URL} and set inception_network.weights_path to that file, "
-                             f"or put it at {cached}")
+                             f"or put it at {cached}, or set inception_network.download = True (with internet)")
     missing = empty_caches / "nowhere.pth"
     with pytest.raises(ConfigError) as err:
         inception_features(images, weights_path=missing)
@@ -432,6 +437,189 @@ def test_inception_features_are_torchmetrics_fid_features(random_inception_weigh
                                   features=("2048",))["2048"]
     torch.testing.assert_close(as_float, feats["2048"], rtol=0, atol=0)  # [0, 1] floats map back to the same bytes
     assert no_network == []
+
+
+# ------------------------------------------------------------------------ Inception-v3 download (opt-in, loopback)
+
+WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+
+
+@contextlib.contextmanager
+def serving(path):
+    """A local HTTP server (127.0.0.1, a free port) that serves ``path``'s bytes at any URL; yields the list of
+    requested paths (one entry per request)."""
+    body, requests = path.read_bytes(), []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def weights_server(random_inception_weights, empty_caches, monkeypatch):
+    """The stand-in weights served on loopback as ``INCEPTION_WEIGHTS_URL`` (urllib goes direct, no proxy); yields
+    (requests, the file's SHA-256, torch-hub's cache path under ``empty_caches``)."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    with serving(random_inception_weights) as (port, requests):
+        monkeypatch.setattr("dlsm.eval.fid.INCEPTION_WEIGHTS_URL", f"http://127.0.0.1:{port}/{WEIGHTS_NAME}")
+        digest = hashlib.sha256(random_inception_weights.read_bytes()).hexdigest()
+        yield requests, digest, empty_caches / "torch" / "hub" / "checkpoints" / WEIGHTS_NAME
+
+
+def leftovers(folder):
+    """Files in ``folder`` other than the download's lock file."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) if folder.exists() else []
+
+
+@pytest.mark.parametrize("digits", [8, 64])
+def test_inception_download_fetches_checks_and_caches_once(weights_server, random_inception_weights, digits):
+    requests, digest, cached = weights_server
+    path = inception_weights_path(download=True, sha256=digest[:digits])
+    assert path == cached and requests == [f"/{WEIGHTS_NAME}"]
+    assert cached.read_bytes() == random_inception_weights.read_bytes()
+    assert leftovers(cached.parent) == [WEIGHTS_NAME]  # no temporary file beside it
+    assert load_inception(path).fc.weight.shape == (1008, 2048)
+    assert inception_weights_path(download=True, sha256=digest[:digits]) == cached
+    assert inception_weights_path() == cached and len(requests) == 1  # there now: not downloaded again
+
+
+def test_inception_download_into_the_bound_weights_path(weights_server, random_inception_weights, tmp_path):
+    requests, digest, cached = weights_server
+    target = tmp_path / "deep" / "folder" / "inception.pth"
+    assert inception_weights_path(target, download=True, sha256=digest.upper()) == target  # hex in either case
+    assert target.read_bytes() == random_inception_weights.read_bytes() and len(requests) == 1
+    assert not cached.parent.exists()
+
+
+def test_inception_download_waits_for_the_lock_and_then_finds_the_file(weights_server, monkeypatch):
+    """Another launch (or torchrun rank) holds the lock and downloads: this one waits, then finds the file there
+    and asks nothing of the server."""
+    import filelock
+
+    requests, digest, cached = weights_server
+    cached.parent.mkdir(parents=True)
+    waiting = threading.Event()
+
+    class Announced(filelock.FileLock):
+        def acquire(self, *args, **kwargs):
+            waiting.set()  # past the first existence check, about to wait for the lock
+            return super().acquire(*args, **kwargs)
+
+    monkeypatch.setattr(filelock, "FileLock", Announced)
+    result = {}
+    other = filelock.UnixFileLock(str(cached) + ".lock")
+    with other:
+        thread = threading.Thread(target=lambda: result.update(path=inception_weights_path(download=True)))
+        thread.start()
+        assert waiting.wait(10)
+        time.sleep(0.2)
+        assert thread.is_alive()  # blocked on the lock
+        cached.write_bytes(b"the other launch's download")
+    thread.join(10)
+    assert result == {"path": cached} and requests == []
+    assert cached.read_bytes() == b"the other launch's download"
+
+
+def test_inception_download_with_a_wrong_checksum_leaves_no_file(weights_server):
+    requests, digest, cached = weights_server
+    wrong = "0123abcd" if not digest.startswith("0123abcd") else "fedc9876"
+    with pytest.raises(ConfigError) as err:
+        inception_weights_path(download=True, sha256=wrong)
+    url = fid.INCEPTION_WEIGHTS_URL  # the local server's
+    assert one_line(err) == (f"downloaded Inception-v3 weights from {url} fail the checksum (SHA-256 should start "
+                             f"with {wrong}): the file was removed; if the published file changed and you trust "
+                             "it, set inception_network.sha256 to its SHA-256")
+    assert requests == [f"/{WEIGHTS_NAME}"] and leftovers(cached.parent) == []
+
+
+def test_inception_without_download_asks_nothing_of_the_server(weights_server):
+    requests, digest, cached = weights_server
+    with pytest.raises(ConfigError) as err:
+        inception_weights_path(sha256=digest[:8])
+    assert one_line(err).startswith("Inception-v3 weights not found (nothing is downloaded): download ")
+    assert one_line(err).endswith(f"or put it at {cached}, or set inception_network.download = True (with internet)")
+    assert requests == [] and not cached.parent.exists()
+
+
+def test_inception_download_offline_is_one_fast_line(empty_caches, no_network):
+    cached = empty_caches / "torch" / "hub" / "checkpoints" / WEIGHTS_NAME
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        inception_weights_path(download=True)
+    assert time.perf_counter() - t0 < 5.0
+    line = one_line(err)
+    assert line.startswith(f"could not download Inception-v3 weights from {INCEPTION_WEIGHTS_URL} into {cached} (")
+    assert line.endswith("): with no internet, download it elsewhere and set inception_network.weights_path to the "
+                         "file")
+    assert no_network and leftovers(cached.parent) == []  # it tried, and wrote nothing but its lock
+
+
+@pytest.mark.parametrize("sha256", ["xyz", "1234567", "a" * 65, "6726825g", "", 6726825])
+def test_inception_sha256_must_be_8_to_64_hex_digits(sha256, empty_caches, no_network):
+    for download in (True, False):
+        with pytest.raises(ConfigError) as err:
+            inception_weights_path(download=download, sha256=sha256)
+        assert one_line(err) == ("inception_network.sha256 must be 8 to 64 hexadecimal digits (a SHA-256 or its "
+                                 f"prefix), got {sha256!r}")
+    assert no_network == [] and not (empty_caches / "torch").exists()
+
+
+@pytest.mark.parametrize(("binding", "message"), [
+    ("inception_network.sha256 = 'xyz'",
+     "inception_network.sha256 = 'xyz': must be 8 to 64 hexadecimal digits (a SHA-256 or its prefix)"),
+    ("inception_network.download = 'yes'", "inception_network.download = 'yes': expected bool"),
+])
+def test_inception_download_bindings_are_checked_when_parsed(binding, message):
+    import gin
+
+    from dlsm.config import parse_config
+
+    try:
+        parse_config([], ["inception_network.sha256 = '6726825D'", "inception_network.download = True"])  # fine
+        with pytest.raises(ConfigError) as err:
+            parse_config([], [binding])
+        assert one_line(err) == message
+    finally:
+        gin.clear_config()
+
+
+def test_preflight_downloads_when_the_binding_asks(weights_server, random_inception_weights):
+    import gin
+
+    from dlsm.eval.images import preflight
+
+    requests, digest, cached = weights_server
+    gin.clear_config()
+    try:
+        gin.parse_config("image_features.networks = [@inception_network]")
+        with pytest.raises(ConfigError, match="inception_network.download = True"):
+            preflight()  # not asked: nothing downloads
+        assert requests == []
+        gin.parse_config(f"inception_network.download = True\ninception_network.sha256 = '{digest[:8]}'")
+        preflight()
+        assert cached.read_bytes() == random_inception_weights.read_bytes() and len(requests) == 1
+    finally:
+        gin.clear_config()
 
 
 def test_classwise_mean_of_a_float_metric_over_several_classes():

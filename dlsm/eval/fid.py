@@ -11,7 +11,9 @@ computed (and returned) in float64.
 
 Features come from ``inception_features`` (torch-fidelity's Inception-v3, the network torchmetrics'
 ``FrechetInceptionDistance(feature=2048)`` wraps), which never downloads: the weights are a local file,
-``weights_path`` (gin: ``inception_network.weights_path`` for the suite), else torch-hub's cache.
+``weights_path`` (gin: ``inception_network.weights_path`` for the suite), else torch-hub's cache. Only
+``inception_weights_path(download=True)`` (gin: ``inception_network.download = True``) fetches the published file,
+checked against a SHA-256 prefix.
 
 The official DLSM evaluation (``run_lib_evaluation.py``) computes the same quantities with tensorflow-gan
 on the TF-Hub Inception (pool_3 / logits): FID over all samples and class-wise, IS over all samples at
@@ -20,8 +22,10 @@ once (one split), per class averaged over classes.
 
 from __future__ import annotations
 
+import http.client
 import math
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 from dlsm.errors import ConfigError, DataError
 
 __all__ = [
+    "INCEPTION_SHA256_PREFIX",
     "INCEPTION_WEIGHTS_URL",
     "fid_from_features",
     "inception_features",
@@ -40,6 +45,7 @@ __all__ = [
     "inception_weights_path",
     "kid_from_features",
     "load_inception",
+    "sha256_problem",
 ]
 
 # torch-fidelity's Inception-v3, converted from TF's inception-2015-12-05 graph (the one behind FID/IS).
@@ -47,6 +53,9 @@ INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
 _WEIGHTS_FILE = INCEPTION_WEIGHTS_URL.rsplit("/", 1)[1]
+# What a download is checked against: the SHA-256 prefix in the published file's name (torch-hub's naming convention).
+INCEPTION_SHA256_PREFIX = "6726825d"
+_HEX = re.compile(r"[0-9a-fA-F]{8,64}")
 _BATCH = 10_000  # feature rows per torchmetrics update: bounds the float64 copy to 10,000 x D
 # The features are already every sample's (rank 0 gathers them, dlsm.stages.units): a metric must not gather across
 # torchrun ranks in compute(), which the other ranks, not evaluating, would never join (gloo "Connection closed").
@@ -205,21 +214,79 @@ def inception_score_from_probs(probs: Tensor, *, splits: int = 10, seed: int | N
     return inception_score_from_logits(logits, splits=splits, seed=seed)
 
 
-def inception_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
+def sha256_problem(value: object) -> str | None:
+    """What is wrong with ``value`` as ``inception_network.sha256`` (8 to 64 hex digits), or None."""
+    if isinstance(value, str) and _HEX.fullmatch(value):
+        return None
+    return "must be 8 to 64 hexadecimal digits (a SHA-256 or its prefix)"
+
+
+def _reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+def _download(target: Path, sha256: str) -> None:
+    """Fetch ``INCEPTION_WEIGHTS_URL`` into ``target`` unless it is there once the lock is held (two launches or
+    torchrun ranks download once). torch-hub's downloader hashes while it writes a temporary file beside ``target``
+    and moves it into place only when the SHA-256 starts with ``sha256``; it removes the file otherwise."""
+    from filelock import FileLock
+
+    url = INCEPTION_WEIGHTS_URL  # read now: tests point it at a local server
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(target) + ".lock")
+        lock.acquire()
+    except OSError as err:
+        raise ConfigError(f"cannot download Inception-v3 weights into {target} ({_reason(err)}): bind "
+                          "inception_network.weights_path to a writable place") from None
+    try:
+        if target.is_file():  # another process downloaded it while this one waited
+            return
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=sha256, progress=True)
+    except RuntimeError as err:
+        if "invalid hash value" not in str(err):
+            raise
+        raise ConfigError(f"downloaded Inception-v3 weights from {url} fail the checksum (SHA-256 should start with "
+                          f"{sha256}): the file was removed; if the published file changed and you trust it, set "
+                          "inception_network.sha256 to its SHA-256") from None
+    except (OSError, http.client.HTTPException) as err:  # URLError, socket errors, timeouts, a cut transfer
+        raise ConfigError(f"could not download Inception-v3 weights from {url} into {target} ({_reason(err)}): with "
+                          "no internet, download it elsewhere and set inception_network.weights_path to the file"
+                          ) from None
+    finally:
+        lock.release()
+
+
+def inception_weights_path(
+    weights_path: str | os.PathLike | None = None, *, download: bool = False, sha256: str = INCEPTION_SHA256_PREFIX
+) -> Path:
     """The local Inception-v3 weights file: ``weights_path`` if given, else torch-hub's cache
     (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``, where torch-fidelity would
-    download it). Never downloads: a missing file is a one-line ``ConfigError`` naming the binding to set.
+    download it). A missing file is a one-line ``ConfigError`` naming the binding to set, unless ``download``:
+    then ``INCEPTION_WEIGHTS_URL`` is fetched there, its SHA-256 checked to start with ``sha256`` (8 to 64 hex
+    digits; default the prefix in the published name). An existing file is used as is, not hashed.
     """
+    problem = sha256_problem(sha256)
+    if problem:
+        raise ConfigError(f"inception_network.sha256 {problem}, got {sha256!r}")
     if weights_path is not None:
         path = Path(weights_path).expanduser().absolute()
+        if download and path.is_dir():
+            raise ConfigError(f"inception_network.weights_path={path} is a folder: bind the weights file's path")
+        if not path.is_file() and download:
+            _download(path, sha256.lower())
         if not path.is_file():
             raise ConfigError(f"inception_network.weights_path={path} does not exist: download "
-                              f"{INCEPTION_WEIGHTS_URL} there, or fix the binding")
+                              f"{INCEPTION_WEIGHTS_URL} there (or set inception_network.download = True, with "
+                              "internet), or fix the binding")
         return path
     cached = Path(torch.hub.get_dir()) / "checkpoints" / _WEIGHTS_FILE
+    if not cached.is_file() and download:
+        _download(cached, sha256.lower())
     if not cached.is_file():
         raise ConfigError(f"Inception-v3 weights not found (nothing is downloaded): download {INCEPTION_WEIGHTS_URL} "
-                          f"and set inception_network.weights_path to that file, or put it at {cached}")
+                          f"and set inception_network.weights_path to that file, or put it at {cached}, or set "
+                          "inception_network.download = True (with internet)")
     return cached
 
 
@@ -240,8 +307,7 @@ def load_inception(
             "inception-v3-compat", list(features), feature_extractor_weights_path=str(path)
         )
     except Exception as err:  # a truncated download, another network's checkpoint, a bad feature name
-        reason = (str(err).strip().splitlines() or [""])[0]
-        raise ConfigError(f"cannot load Inception-v3 weights from {path} ({type(err).__name__}: {reason}): expected "
+        raise ConfigError(f"cannot load Inception-v3 weights from {path} ({_reason(err)}): expected "
                           f"{_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL} and features among "
                           "64, 192, 768, 2048, logits_unbiased, logits") from None
 

@@ -32,11 +32,20 @@ import gin
 import torch
 from torch import Tensor
 
+from dlsm.config import constrain
 from dlsm.data.images import ImageData, to_model_space
 from dlsm.errors import CheckpointError, ConfigError, DataError
 from dlsm.eval.cas import cas
 from dlsm.eval.evaluator import EvaluatorSettings, _sha256, features_and_logits, load_or_train_evaluator
-from dlsm.eval.fid import fid_from_features, inception_score_from_logits, kid_from_features, load_inception
+from dlsm.eval.fid import (
+    INCEPTION_SHA256_PREFIX,
+    fid_from_features,
+    inception_score_from_logits,
+    inception_weights_path,
+    kid_from_features,
+    load_inception,
+    sha256_problem,
+)
 from dlsm.eval.prdc import classwise, prdc
 from dlsm.train.checkpoints import load_checkpoint, save_checkpoint
 
@@ -108,14 +117,15 @@ def inception_network(
     cache_dir: Path,
     weights_path: str | None = None,
     batch_size: int = 200,
+    download: bool = False,
+    sha256: str = INCEPTION_SHA256_PREFIX,
 ) -> FeatureNet:
-    """Inception-v3 (torch-fidelity's TF-compatible network; weights from ``weights_path``, else torch-hub's cache,
-    never downloaded): pool_3 features (2,048) and the unbiased ImageNet logits for IS. Grey images are repeated to
-    RGB. Its logits are not over the dataset's classes, so it gives no sample accuracy."""
+    """Inception-v3 (torch-fidelity's TF-compatible network; weights from ``weights_path``, else torch-hub's cache):
+    pool_3 features (2,048) and the unbiased ImageNet logits for IS. Grey images are repeated to RGB. Its logits are
+    not over the dataset's classes, so it gives no sample accuracy. Nothing downloads unless ``download``: then a
+    missing file is fetched, its SHA-256 checked to start with ``sha256`` (see ``inception_weights_path``)."""
     del train, test, cache_dir
-    from dlsm.eval.fid import inception_weights_path
-
-    path = inception_weights_path(weights_path)
+    path = inception_weights_path(weights_path, download=download, sha256=sha256)
     model = load_inception(path).to(device)
 
     def extract(u: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,6 +139,9 @@ def inception_network(
         return torch.cat(feats), torch.cat(logits)
 
     return FeatureNet("inception", f"inception-{path.stem}", extract, False)
+
+
+constrain(inception_network, "sha256", sha256_problem)  # checked when the config is parsed, before anything trains
 
 
 @gin.configurable(denylist=["train", "test", "device", "cache_dir"])
@@ -150,21 +163,18 @@ def image_features(
 
 
 def preflight() -> None:
-    """Fail in seconds, before anything trains, when the bound feature networks cannot be built offline: with
+    """Fail in seconds, before anything trains, when the bound feature networks cannot be built: with
     ``inception_network`` in ``image_features.networks``, its weights file must exist (one line naming
-    ``inception_network.weights_path`` otherwise). The evaluator needs nothing: it is trained when missing."""
+    ``inception_network.weights_path`` otherwise), or be downloaded now with ``inception_network.download = True``.
+    The evaluator needs nothing: it is trained when missing."""
     try:
         nets = gin.query_parameter("image_features.networks")
     except ValueError:  # not bound: the default, the evaluator
         return
     if any(getattr(getattr(ref, "configurable", None), "name", "") == "inception_network" for ref in nets):
-        from dlsm.eval.fid import inception_weights_path
-
-        try:
-            weights_path = gin.query_parameter("inception_network.weights_path")
-        except ValueError:
-            weights_path = None
-        inception_weights_path(weights_path)
+        bound = gin.get_bindings(inception_network, resolve_references=True)  # macros resolved
+        inception_weights_path(bound.get("weights_path"), download=bound.get("download", False),
+                               sha256=bound.get("sha256", INCEPTION_SHA256_PREFIX))
 
 
 class FeatureStream:
