@@ -1,5 +1,6 @@
 # dlsm — `make demo` runs the moons experiment, `make test` the test suite, `make ui` the MLflow UI,
-# `make reproduce-moons` the DLSM paper's moons analysis and its report, `make reproduce-digits` the digits one.
+# `make reproduce-moons` the DLSM paper's moons analysis and its report, `make reproduce-digits` the digits one,
+# `make reproduce-guidance` the guidance schedules on digits.
 # Each target creates .venv and installs the project on first use.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-threads lint ui clean reproduce-moons reproduce-digits reproduce-samplers mutation
+.PHONY: demo test test-threads lint ui clean reproduce-moons reproduce-digits reproduce-guidance reproduce-samplers mutation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,17 @@ reproduce-digits: $(STAMP)
 	$(PY) tune/sweep.py --gin gin/digits_frontier.gin --share none $(DIGITS_SWEEP)
 	$(PY) tune/sweep.py --gin gin/digits32.gin --share stage1 --gin_param "N_PER_CLASS = 10" $(DIGITS_SWEEP)
 	$(PY) -m dlsm.report digits --out docs/results/digits.md --notes docs/results/digits_notes.md
+
+# Where and how strongly to guide (guidance schedules, the "where does guidance matter" ablation, the mechanism up to
+# sigma_max, the frontier) on digits, 6 seeds sharing one stage-1 score model, two trials at a time on one core each,
+# then docs/results/guidance.md (docs/results/guidance_notes.md appended). Budget: 90 min on 2 CPU cores.
+GUIDANCE_WORK := .dlsm/reproduce-guidance
+reproduce-guidance: $(STAMP)
+	rm -rf $(GUIDANCE_WORK)
+	$(PY) tune/sweep.py --gin gin/digits_guidance.gin --share stage1 --param SEED --values 0 1 2 3 4 5 --fresh \
+		--gin_param "experiment.workdir = '$(GUIDANCE_WORK)'" --gin_param "sweep.cpus_per_trial = 1" \
+		--gin_param "sweep.metric = 'ours/cw/fid.evaluator'"
+	$(PY) -m dlsm.report guidance --out docs/results/guidance.md --notes docs/results/guidance_notes.md
 
 # Sampling quality against network evaluations: PC against guided Heun (EDM) on digits32's networks, trained once,
 # 3 seeds for the chosen points, then docs/results/samplers.md (with docs/results/samplers_notes.md appended by hand).

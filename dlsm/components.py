@@ -8,7 +8,7 @@ from dlsm import experiment, stages  # noqa: F401
 from dlsm.data import images, points  # noqa: F401
 from dlsm.eval import images as image_suite  # noqa: F401
 from dlsm.eval import points as point_suite  # noqa: F401
-from dlsm.math import heun, losses, samplers, schedules  # noqa: F401
+from dlsm.math import guidance, heun, losses, samplers, schedules  # noqa: F401
 from dlsm.nets import convnet, embeddings, mlp, ncsnpp, ncsnv2, unet  # noqa: F401
 from dlsm.report import plots  # noqa: F401
 from dlsm.sweep import settings  # noqa: F401

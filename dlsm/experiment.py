@@ -29,7 +29,7 @@ from dlsm.locks import exclusive
 from dlsm.math.losses import ce_loss, dsm_loss, total_loss
 from dlsm.math.samplers import annealed_langevin
 from dlsm.math.schedules import noise_schedule
-from dlsm.preflight import check_before_training, check_networks, check_workdir
+from dlsm.preflight import check_before_training, check_guidance, check_networks, check_workdir
 from dlsm.stages.base import (
     ExperimentSpec,
     Run,
@@ -176,7 +176,8 @@ def _run(
     data = dist.main_first(spec.dataset)  # a missing dataset fails here, before any MLflow run or checkpoint exists
     schedule = noise_schedule(data)  # reads data.x only for 'auto' sigma_max / num_scales
     check_before_training(spec, data)  # networks, evaluation settings: dlsm.preflight
-    if len(tuple(getattr(data, "shape", ()))) == 3:  # images: Inception weights, if bound, exist (nothing downloads)
+    check_guidance(spec, data, schedule)
+    if len(tuple(getattr(data, "shape", ()))) == 3:  # images: Inception weights, if bound, exist (or are downloaded)
         from dlsm.eval.images import preflight
 
         preflight()

@@ -80,6 +80,31 @@ def check_before_training(spec: ExperimentSpec, data) -> None:
     dist.from_main(lambda: check_published(spec, data))
 
 
+def check_guidance(spec: ExperimentSpec, data, schedule) -> None:
+    """Each guidance of ``experiment.sampling_methods`` against the noise schedule and the class count
+    (:meth:`dlsm.math.guidance.Guidance.check`), and a temperature guidance against the stage list: it needs
+    ``calibrate_temperature`` listed before ``sample``."""
+    from dlsm.math.guidance import Guidance, TemperatureGuidance
+    from dlsm.stages.calibrate import calibrate_temperature
+    from dlsm.stages.sample import sample
+
+    sigmas = schedule.sigmas
+    for name, (_, guidance) in (spec.sampling_methods or {}).items():
+        if not isinstance(guidance, Guidance):
+            continue
+        try:
+            guidance.check(float(sigmas.min()), float(sigmas.max()), int(data.num_classes))
+        except ConfigError as err:
+            raise ConfigError(f"experiment.sampling_methods[{name!r}]: {err}") from None
+        stages = [inspect.unwrap(s) for s in spec.stages]
+        calibrated = inspect.unwrap(calibrate_temperature) in stages and (
+            inspect.unwrap(sample) not in stages
+            or stages.index(inspect.unwrap(calibrate_temperature)) < stages.index(inspect.unwrap(sample)))
+        if isinstance(guidance, TemperatureGuidance) and not guidance.taus and not calibrated:
+            raise ConfigError(f"experiment.sampling_methods[{name!r}] uses temperature_guidance: list "
+                              "@calibrate_temperature in experiment.stages before @sample (it fits the temperatures)")
+
+
 def setting(fn: Callable, param: str) -> object:
     """The value configurable ``fn`` will get for ``param`` (outside any scope): its gin binding with macros
     resolved, else the default in its signature."""

@@ -62,7 +62,7 @@ def no_network(monkeypatch):
 
 RAY_GROUP = "ray"  # every test that starts Ray: one Ray at a time on a 2-core machine
 RAY_FILES = ("test_ray_local.py", "test_sweep.py")
-RAY_TESTS = ("test_tiny_frontier_sweep_and_the_report_on_it",)
+RAY_TESTS = ("test_tiny_frontier_sweep_and_the_report_on_it", "test_tiny_guidance_sweep_and_the_report_on_it")
 SHARED_FIXTURE_FILES = (  # a module fixture (a launched experiment, a trained evaluator) these files' tests share
     "test_cli.py", "test_digits.py", "test_distributed.py", "test_eval_metrics.py", "test_evaluator.py",
     "test_image_suite.py", "test_images.py", "test_published.py", "test_sampling_scale.py",

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from dlsm.errors import ConfigError
-from dlsm.report.frontier import Axis, beats, frontier_figure, frontier_points, frontier_table
+from dlsm.report.frontier import (
+    Axis,
+    beats,
+    closest_point,
+    frontier_figure,
+    frontier_points,
+    frontier_table,
+    parse_sampling_methods,
+)
 from dlsm.report.stats import paired_ci
 
 X = Axis("cw/fid.evaluator", "CW-FID", higher_is_better=False)
@@ -59,7 +67,7 @@ def test_figure_has_one_marker_per_point_and_names_the_paper_methods():
     ax = fig.axes[0]
     assert len(ax.containers) == len(METHODS)  # one errorbar per point
     names = {t.get_text() for t in ax.texts}
-    assert {"base", "scaling"} <= names and "α3" in names and "ours" not in names
+    assert {"base (α1)", "scaling (α10)"} <= names and "α3" in names and not any("ours" in n for n in names)
 
 
 def test_missing_metrics_and_baselines_are_one_line_errors():
@@ -69,3 +77,51 @@ def test_missing_metrics_and_baselines_are_one_line_errors():
     pts = frontier_points(runs, {"good": ("total", 3.0), "base": ("ce", 1.0)}, X, Y)
     with pytest.raises(ConfigError, match="baseline scaling is not among the sampled methods"):
         frontier_table(runs, pts, X, Y)
+
+
+def test_sampling_methods_with_guidance_references_and_macros_are_read_back():
+    text = ("{'base': ('ce', 1.0), 'scaling': ('ce', %SCALING_ALPHA), "
+            "'above0.1': ('ce', @above0_1/interval_guidance()), 'entropy_ce': ('ce', @entropy_guidance())}")
+    got = parse_sampling_methods(text, {"SCALING_ALPHA": "10.0"})
+    assert got == {"base": ("ce", 1.0), "scaling": ("ce", 10.0), "above0.1": ("ce", "above0_1/interval_guidance"),
+                   "entropy_ce": ("ce", "entropy_guidance")}
+    with pytest.raises(ConfigError, match="cannot read experiment.sampling_methods"):
+        parse_sampling_methods("{'base': ('ce', %UNKNOWN)}")
+
+
+def test_schedule_points_are_labelled_by_name_and_the_closest_point_is_the_one_with_the_best_worst_margin():
+    runs = _runs()
+    methods = {**METHODS, "good": ("total", "mid/interval_guidance")}
+    pts = {p.method: p for p in frontier_points(runs, methods, X, Y)}
+    assert pts["good"].alpha is None and pts["good"].label == "good" and pts["half"].label == "α1"
+    assert "| good **(beats all)** | total | schedule |" in frontier_table(runs, list(pts.values()), X, Y)
+    name, margins = closest_point(runs, list(pts.values()), X, Y)
+    assert name == "good"  # 'half' is worse than base on recall; 'good' is better than both on both
+    assert margins[("base", "CW-FID")].mean == pytest.approx(18.0 - 30.0)
+    assert margins[("scaling", "CW-recall")].mean == pytest.approx(0.85 - 0.60)
+    only_half = [p for p in pts.values() if p.method != "good"]
+    assert closest_point(runs, only_half, X, Y)[0] == "half"
+    assert closest_point(runs, [pts["base"], pts["scaling"]], X, Y) is None
+
+
+def test_crowded_labels_do_not_overlap_and_fid_is_on_a_log_axis():
+    """Nine points within 1 % of each other (the scaling corner): every label's box is apart from the others."""
+    methods = {"base": ("ce", 1.0), "scaling": ("ce", 10.0)} | {f"p{i}": ("total", float(i)) for i in range(9)}
+    runs = []
+    for shift in (-0.5, 0.0, 0.5):
+        m = {"base": (30.0, 0.80), "scaling": (2.0, 0.60)} | {f"p{i}": (2.0 + 0.01 * i, 0.6 + 0.001 * i)
+                                                              for i in range(9)}
+        runs.append({f"{k}/{X.key}": fid + shift for k, (fid, _) in m.items()}
+                    | {f"{k}/{Y.key}": rec for k, (_, rec) in m.items()})
+    fig = frontier_figure(frontier_points(runs, methods, X, Y), X, Y)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "linear"
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the labels' text, without leader lines
+    overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    assert len(boxes) == len(methods) and not overlaps
+    area = ax.get_window_extent(renderer)
+    assert all(area.x0 <= b.x0 and b.x1 <= area.x1 and area.y0 <= b.y0 and b.y1 <= area.y1 for b in boxes)

@@ -57,11 +57,15 @@ def _reference(x, y, z, w, b, sigma):
     grad = w[y] - p @ w  # grad_x log softmax_y
     dlsm = 0.5 * ((grad - xt / (1 + sigma**2) + z / sigma) ** 2).sum(1)
     ce = -np.log(p[np.arange(len(y)), y])
-    return dlsm.mean(), ce.mean(), (logits.argmax(1) == y).mean()
+    conf, right = p.max(1), (p.argmax(1) == y)
+    bins = np.minimum((conf * 15).astype(int) - (conf * 15 == np.floor(conf * 15)), 14)  # bins (b/15, (b+1)/15]
+    ece = sum(abs(right[bins == j].mean() - conf[bins == j].mean()) * (bins == j).mean() for j in range(15)
+              if (bins == j).any())
+    return dlsm.mean(), ce.mean(), (logits.argmax(1) == y).mean(), ece
 
 
 @pytest.mark.parametrize("seed", [0, 5])
-def test_heldout_dlsm_ce_and_accuracy_equal_the_float64_closed_form(seed):
+def test_heldout_dlsm_ce_accuracy_and_ece_equal_the_float64_closed_form(seed):
     g = torch.Generator().manual_seed(seed)
     n, d, k = 40, 6, 3
     test = Split(torch.randn(n, 1, 2, 3, generator=g), torch.randint(0, k, (n,), generator=g))
@@ -77,10 +81,12 @@ def test_heldout_dlsm_ce_and_accuracy_equal_the_float64_closed_form(seed):
     for sigma in sigmas:
         idx = torch.randint(0, n, (25,), generator=gen)
         z = torch.randn(25, 1, 2, 3, generator=gen)
-        dlsm, ce, acc = _reference(test.x[idx].numpy(), test.y[idx].numpy(), z.numpy(), w.numpy(), b.numpy(), sigma)
+        dlsm, ce, acc, ece = _reference(test.x[idx].numpy(), test.y[idx].numpy(), z.numpy(), w.numpy(), b.numpy(),
+                                        sigma)
         assert out[f"c/heldout/dlsm/s{sigma:g}"] == pytest.approx(dlsm, rel=1e-5)
         assert out[f"c/heldout/ce/s{sigma:g}"] == pytest.approx(ce, rel=1e-5)
         assert out[f"c/heldout/acc/s{sigma:g}"] == pytest.approx(acc, abs=1e-12)
+        assert out[f"c/heldout/ece/s{sigma:g}"] == pytest.approx(ece, abs=1e-5)  # 15 equal-width bins, by hand
 
 
 def test_heldout_metrics_need_a_test_split():

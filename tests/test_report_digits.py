@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dlsm.report.digits import _sampling_methods
+from dlsm.report.digits import sampling_methods
 from dlsm.report.seeds import (
     SeedRuns,
     claim_lines,
@@ -132,7 +132,7 @@ def test_mechanism_sentence_counts_the_sigmas_where_total_is_closer():
 def test_sampling_methods_resolve_the_scaling_macro():
     runs = SeedRuns("x", [0], [{}], {"experiment.sampling_methods": "{'base': ('ce', 1.0), 'scaling': ('ce', "
                                      "%SCALING_ALPHA)}", "macro.SCALING_ALPHA": "7.5"}, ["a"], [1.0])
-    assert _sampling_methods(runs) == {"base": ("ce", 1.0), "scaling": ("ce", 7.5)}
+    assert sampling_methods(runs) == {"base": ("ce", 1.0), "scaling": ("ce", 7.5)}
 
 
 # -- end to end: a tiny sweep, then the report on it -----------------------------------------------------------------

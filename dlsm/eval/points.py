@@ -271,8 +271,9 @@ def heldout_metrics(
     ``{clf}/heldout/dlsm/s{sigma}`` = E[1/2 ||grad_x~ log p(y|x~; theta) + s(x~; phi) - grad_x~ log p_sigma(x~|x)||^2]
     (L_DLSM' of the paper at one sigma, unweighted, ||.||^2 summed over pixels: how well prior + likelihood
     score matches the posterior's denoising target on data the classifier never saw), and the cross-entropy
-    ``.../ce/`` and accuracy ``.../acc/`` there. The same x, z for every classifier. Needs image data (a test
-    split) and the score model; returns nothing otherwise."""
+    ``.../ce/``, accuracy ``.../acc/`` and expected calibration error ``.../ece/`` (15 bins) there. The same x, z
+    for every classifier. Needs image data (a test split) and the score model; returns nothing otherwise."""
+    from dlsm.math.calibration import calibration_error
     from dlsm.math.losses import dlsm_loss
 
     test = ev.test_data() if ev.test_data is not None else None
@@ -299,6 +300,7 @@ def heldout_metrics(
             out[f"{name}/heldout/dlsm/s{sigma:g}"] = float(per.detach().double().mean())
             out[f"{name}/heldout/ce/s{sigma:g}"] = float(nn.functional.cross_entropy(logits, y))
             out[f"{name}/heldout/acc/s{sigma:g}"] = float((logits.argmax(1) == y).double().mean())
+            out[f"{name}/heldout/ece/s{sigma:g}"] = calibration_error(logits, y)
     return out
 
 

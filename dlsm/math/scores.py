@@ -41,6 +41,7 @@ def likelihood_score_and_logits(
     *,
     create_graph: bool = False,
     softmax_eps: float | None = None,
+    temperature: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x log p(y|x, sigma; theta), logits) from one classifier forward pass.
 
@@ -50,14 +51,17 @@ def likelihood_score_and_logits(
     (``sampling.py``, ``sde_lib.py``, ``losses.py``). Its gradient is p / (p + eps) times the exact one, so the
     two agree where p(y|x) >> eps and the official one vanishes where the classifier is confidently wrong
     (``gin/eval_official.gin`` binds it; a gin binding reaches sampling, DLSM' and the mechanism metrics alike).
+    ``temperature`` tau (a number or one per sample; :class:`dlsm.math.guidance.TemperatureGuidance`) differentiates
+    the tempered classifier's log softmax(logits / tau)[y]; the returned logits are the untempered ones.
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         logits = classifier(x, sigma)
+        tempered = logits if temperature is None else logits / torch.as_tensor(temperature).to(logits).reshape(-1, 1)
         if softmax_eps is None:
-            log_p = torch.log_softmax(logits, dim=-1).gather(-1, y[:, None]).sum()
+            log_p = torch.log_softmax(tempered, dim=-1).gather(-1, y[:, None]).sum()
         else:
-            log_p = torch.log(torch.softmax(logits, dim=-1).gather(-1, y[:, None]) + softmax_eps).sum()
+            log_p = torch.log(torch.softmax(tempered, dim=-1).gather(-1, y[:, None]) + softmax_eps).sum()
         (grad,) = torch.autograd.grad(log_p, x, create_graph=create_graph)
     return grad, logits
 
@@ -104,18 +108,23 @@ def _eval(net):
 
 
 class ModelScores:
-    """Prior, likelihood and posterior scores of a (score model, classifier) pair at guidance scale alpha.
+    """Prior, likelihood and posterior scores of a (score model, classifier) pair under a guidance.
 
-    ``likelihood`` returns the *effective* likelihood term alpha * grad log p(y|x; theta), so that
-    posterior = prior + likelihood holds for every alpha.
+    ``guidance`` (:mod:`dlsm.math.guidance`) gives the likelihood term w(x, sigma) grad log p(y|x, sigma; theta);
+    without one, alpha grad log p(y|x, sigma; theta), which :class:`~dlsm.math.guidance.ConstantGuidance` computes
+    too. ``likelihood`` returns that *effective* term (zeros where the guidance is off), so that posterior = prior +
+    likelihood holds for every guidance; where the guidance is off the posterior is the prior score itself.
 
     Both networks are put in eval mode: a BatchNorm classifier then uses its running statistics, so the score
     of one sample does not depend on the other samples of its batch (training mode would make
     grad_x log p(y|x_i) a function of the whole batch, and the sampler's batch size part of the model).
     """
 
-    def __init__(self, score_model: nn.Module, classifier: nn.Module, *, alpha: float = 1.0) -> None:
-        self.score_model, self.classifier, self.alpha = _eval(score_model), _eval(classifier), alpha
+    def __init__(
+        self, score_model: nn.Module, classifier: nn.Module, *, alpha: float = 1.0, guidance: object | None = None
+    ) -> None:
+        self.score_model, self.classifier, self.guidance = _eval(score_model), _eval(classifier), guidance
+        self.alpha = alpha if guidance is None else guidance.alpha
 
     def prior(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         with torch.no_grad():
@@ -123,15 +132,23 @@ class ModelScores:
 
     labels_per_sample = True  # y may be a tensor of one label per sample (sampling units that pack classes)
 
-    def likelihood(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int | torch.Tensor) -> torch.Tensor:
+    def _term(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int | torch.Tensor) -> torch.Tensor | None:
         if isinstance(y, torch.Tensor):
             labels = y.to(device=x.device, dtype=torch.long)
         else:
             labels = torch.full((x.shape[0],), y, dtype=torch.long, device=x.device)
-        return self.alpha * likelihood_score(self.classifier, x, sigma, labels)
+        if self.guidance is None:
+            return self.alpha * likelihood_score(self.classifier, x, sigma, labels)
+        return self.guidance(self.classifier, x, sigma, labels)
+
+    def likelihood(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int | torch.Tensor) -> torch.Tensor:
+        term = self._term(x, sigma, y)
+        return torch.zeros_like(x) if term is None else term
 
     def posterior(self, x: torch.Tensor, sigma: torch.Tensor | float, y: int | torch.Tensor) -> torch.Tensor:
-        return self.prior(x, sigma) + self.likelihood(x, sigma, y)
+        prior = self.prior(x, sigma)
+        term = self._term(x, sigma, y)
+        return prior if term is None else prior + term
 
     def posterior_fn(self, y: int | torch.Tensor) -> ScoreFn:
         return lambda x, sigma: self.posterior(x, sigma, y)

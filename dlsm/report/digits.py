@@ -22,14 +22,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
-
 from dlsm.errors import ConfigError
 from dlsm.report.common import client as mlflow_client
 from dlsm.report.common import run_report
-from dlsm.report.common import table as md_table
 from dlsm.report.digits_figures import figure3, figure4_mean, mechanism_figure
-from dlsm.report.frontier import Axis, frontier_figure, frontier_points, frontier_table
+from dlsm.report.frontier import (
+    Axis,
+    closest_point,
+    frontier_figure,
+    frontier_points,
+    frontier_table,
+    parse_sampling_methods,
+)
 from dlsm.report.seeds import (
     PAPER,
     SANITY,
@@ -41,11 +45,13 @@ from dlsm.report.seeds import (
     mechanism_table,
     paired_mechanism,
     paired_rows,
+    settings_table,
     table2_rows,
+    wall_lines,
 )
 from dlsm.report.stats import paired_ci, verdict
 
-__all__ = ["main", "write_digits_report"]
+__all__ = ["FRONTIER_AXES", "frontier_section", "main", "sampling_methods", "write_digits_report"]
 
 SETTINGS = (
     "macro.SEED", "experiment.classifier_losses", "experiment.sampling_methods", "experiment.score_model",
@@ -64,18 +70,14 @@ SETTINGS = (
 
 
 # -- the frontier -----------------------------------------------------------------------------------------------------
-def _sampling_methods(runs: SeedRuns) -> dict[str, tuple[str, float]]:
-    """``experiment.sampling_methods`` of the runs (MLflow param, a Python literal with %SCALING_ALPHA resolved)."""
-    import ast
-
-    text = runs.params.get("experiment.sampling_methods", "")
-    alpha = runs.params.get("macro.SCALING_ALPHA", "10.0")
-    text = text.replace("%SCALING_ALPHA", alpha)
+def sampling_methods(runs: SeedRuns) -> dict[str, tuple[str, float | str]]:
+    """``experiment.sampling_methods`` of the runs (MLflow param) with its macros resolved; a guidance schedule's
+    entry is its gin reference's name (:func:`dlsm.report.frontier.parse_sampling_methods`)."""
+    macros = {k.removeprefix("macro."): v for k, v in runs.params.items() if k.startswith("macro.")}
     try:
-        spec = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        raise ConfigError(f"{runs.experiment}: cannot read experiment.sampling_methods {text[:80]!r}") from None
-    return {k: (str(v[0]), float(v[1])) for k, v in spec.items()}
+        return parse_sampling_methods(runs.params.get("experiment.sampling_methods", ""), macros)
+    except ConfigError as err:
+        raise ConfigError(f"{runs.experiment}: {err}") from None
 
 
 FRONTIER_AXES = (
@@ -89,12 +91,14 @@ def _axis(a: Axis, net: str) -> Axis:
     return Axis(a.key.format(net=net), a.label, a.higher_is_better)
 
 
-def frontier_section(runs: SeedRuns, fig_dir: Path) -> list[str]:
-    methods = {k: v for k, v in _sampling_methods(runs).items() if k != "uncond" and runs.has(k, "sample_acc")}
+def frontier_section(runs: SeedRuns, fig_dir: Path, axes=FRONTIER_AXES) -> list[str]:
+    """Each plane of ``axes`` (default :data:`FRONTIER_AXES`): its figure, its table, which points beat base and
+    scaling on both axes (paired over seeds) and, when none does, the point that comes closest with its margins."""
+    methods = {k: v for k, v in sampling_methods(runs).items() if k != "uncond" and runs.has(k, "sample_acc")}
     if not {"base", "scaling"} <= set(methods):
         return ["The frontier needs base and scaling among the sampled points; not drawn."]
     lines = []
-    for i, (ax_x, ax_y) in enumerate(FRONTIER_AXES):
+    for i, (ax_x, ax_y) in enumerate(axes):
         x, y = _axis(ax_x, runs.net), _axis(ax_y, runs.net)
         if not all(runs.has(m, x.key) and runs.has(m, y.key) for m in methods):
             continue
@@ -118,47 +122,22 @@ def frontier_section(runs: SeedRuns, fig_dir: Path) -> list[str]:
                   f"Points that beat base on both axes: {len(beat['base'])} of {len(rows) - 1} "
                   f"({', '.join(beat['base']) or 'none'}); that beat scaling on both: {len(beat['scaling'])} of "
                   f"{len(rows) - 1} ({', '.join(beat['scaling']) or 'none'}).", ""]
+        if not winners and (close := closest_point(runs.metrics, pts, x, y)) is not None:
+            name, margins = close
+            lines += [f"Closest to beating both (largest worst-case paired margin): **{name}**; paired 95 % "
+                      "intervals of " + name + " − baseline: "
+                      + "; ".join(f"{a} vs {b}: {d}" for (b, a), d in margins.items()) + ".", ""]
     return lines
 
 
 # -- figures --------------------------------------------------------------------------------------------------------
-def _wall(runs: SeedRuns) -> list[str]:
-    times: dict[str, list[float]] = {}
-    for m in runs.metrics:
-        for k, v in m.items():
-            if k.startswith("time/"):
-                times.setdefault(k.removeprefix("time/").removesuffix("_s"), []).append(v)
-    parts = ", ".join(f"{k} {np.mean(v):.0f} s" for k, v in sorted(times.items(), key=lambda kv: -np.mean(kv[1])))
-    out = [f"- **{runs.experiment}**: "
-           + (f"shared stage 1 {runs.shared_wall_s / 60:.1f} min, then " if runs.shared_wall_s else "")
-           + (f"sweep {runs.sweep_wall_s / 60:.1f} min (run `{runs.sweep_id}`); " if runs.sweep_wall_s else "")
-           + f"{len(runs.wall_s)} seed run{'s' if len(runs.wall_s) != 1 else ''} of "
-           + ", ".join(f"{w / 60:.1f}" for w in runs.wall_s) + " min.",
-           f"  Mean per seed run, by stage (longest first): {parts}."]
-    return out
-
-
 def _total_min(*runs: SeedRuns) -> float:
     return sum((r.sweep_wall_s or 0.0) + (r.shared_wall_s or 0.0) for r in runs) / 60
 
 
-def _settings(runs: SeedRuns) -> str:
-    """The main bindings (a macro shown with its value) and the noise schedule as built (``schedule.*``)."""
-    rows = []
-    for k in SETTINGS:
-        if k not in runs.params:
-            continue
-        v = runs.params[k]
-        if v.startswith("%") and f"macro.{v[1:]}" in runs.params:
-            v = f"{v} = {runs.params[f'macro.{v[1:]}']}"
-        rows.append([f"`{k}`", f"`{v[:200]}`"])
-    rows += [[f"`{k}`", f"`{v}`"] for k, v in sorted(runs.params.items()) if k.startswith("schedule.")]
-    return md_table(["binding", "value"], rows)
-
-
 def _mechanism(runs: SeedRuns, fig_dir: Path) -> tuple[list[str], list[str]]:
     """(report lines, claim lines) of the mechanism section."""
-    methods = _sampling_methods(runs)
+    methods = sampling_methods(runs)
     alpha1 = {f"{clf} (as {name})": name for name, (clf, a) in methods.items() if a == 1.0
               and name != "uncond" and any(f"{name}/c0/D_L/s" in k for k in runs.metrics[0])}
     if any("exact/c0/D_L/s" in k for k in runs.metrics[0]):
@@ -230,8 +209,8 @@ def _header(fr: SeedRuns, big: SeedRuns | None, frontier: str, images32: str | N
         "",
         "## Wall time on this machine",
         "",
-        *_wall(fr),
-        *(_wall(big) if big else []),
+        *wall_lines(fr),
+        *(wall_lines(big) if big else []),
         *([f"- Both sweeps, shared stages included: {_total_min(fr, big):.1f} min."]
           if big and fr.sweep_wall_s and big.sweep_wall_s else []),
         ""]
@@ -299,9 +278,9 @@ def write_digits_report(frontier: str, images32: str | None, out: Path, notes: P
         lines += [f"- Sanity (a perfect classifier): sample accuracy with the exact likelihood at α = 1 is "
                   f"{fr.ci('exact', 'sample_acc')} against base's {fr.ci('base', 'sample_acc')} (paired difference "
                   f"{d}): {word}.", ""]
-    lines += ["## Settings", "", f"`{frontier}`:", "", _settings(fr), ""]
+    lines += ["## Settings", "", f"`{frontier}`:", "", settings_table(fr, SETTINGS), ""]
     if big is not None:
-        lines += [f"`{images32}`:", "", _settings(big), ""]
+        lines += [f"`{images32}`:", "", settings_table(big, SETTINGS), ""]
     if notes is not None:
         lines += [notes.read_text().rstrip(), ""]
     out.parent.mkdir(parents=True, exist_ok=True)

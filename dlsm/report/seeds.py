@@ -16,7 +16,8 @@ from dlsm.report.stats import Interval, mean_ci, paired_ci, verdict
 
 __all__ = [
     "OURS_VS_BASE", "PAPER", "SANITY", "SeedRuns", "claim_lines", "count_sentence", "load_seed_runs",
-    "mechanism_rows", "mechanism_sigmas", "mechanism_table", "paired_mechanism", "paired_rows", "table2_rows",
+    "mechanism_rows", "mechanism_sigmas", "mechanism_table", "paired_mechanism", "paired_rows", "settings_table",
+    "table2_rows", "wall_lines",
 ]
 
 SANITY = ("real", "uncond", "exact")
@@ -249,3 +250,35 @@ def claim_lines(runs: SeedRuns, label: str) -> list[str]:
                  f"(scaling − base, paired): {word2} (as claimed on: {', '.join(hold) or 'none'}; opposite on: "
                  f"{', '.join(fail) or 'none'}). scaling − base: {detail2}.")
     return lines
+
+
+# -- provenance -------------------------------------------------------------------------------------------------
+def wall_lines(runs: SeedRuns) -> list[str]:
+    """The sweep's and each seed run's wall time, and the mean time per stage (longest first)."""
+    times: dict[str, list[float]] = {}
+    for m in runs.metrics:
+        for k, v in m.items():
+            if k.startswith("time/"):
+                times.setdefault(k.removeprefix("time/").removesuffix("_s"), []).append(v)
+    parts = ", ".join(f"{k} {np.mean(v):.0f} s" for k, v in sorted(times.items(), key=lambda kv: -np.mean(kv[1])))
+    out = [f"- **{runs.experiment}**: "
+           + (f"shared stage 1 {runs.shared_wall_s / 60:.1f} min, then " if runs.shared_wall_s else "")
+           + (f"sweep {runs.sweep_wall_s / 60:.1f} min (run `{runs.sweep_id}`); " if runs.sweep_wall_s else "")
+           + f"{len(runs.wall_s)} seed run{'s' if len(runs.wall_s) != 1 else ''} of "
+           + ", ".join(f"{w / 60:.1f}" for w in runs.wall_s) + " min.",
+           f"  Mean per seed run, by stage (longest first): {parts}."]
+    return out
+
+
+def settings_table(runs: SeedRuns, keys: Sequence[str]) -> str:
+    """The main bindings (a macro shown with its value) and the noise schedule as built (``schedule.*``)."""
+    rows = []
+    for k in keys:
+        if k not in runs.params:
+            continue
+        v = runs.params[k]
+        if v.startswith("%") and f"macro.{v[1:]}" in runs.params:
+            v = f"{v} = {runs.params[f'macro.{v[1:]}']}"
+        rows.append([f"`{k}`", f"`{v[:200]}`"])
+    rows += [[f"`{k}`", f"`{v}`"] for k, v in sorted(runs.params.items()) if k.startswith("schedule.")]
+    return md_table(["binding", "value"], rows)

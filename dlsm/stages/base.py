@@ -20,6 +20,7 @@ from torch import nn
 
 from dlsm import config as cfg
 from dlsm.errors import ConfigError
+from dlsm.math.guidance import Guidance, TemperatureGuidance, as_guidance
 from dlsm.math.schedules import NoiseSchedule
 from dlsm.math.scores import ModelScores
 from dlsm.tracking import NullTracker, Tracker
@@ -42,7 +43,7 @@ class ExperimentSpec:
     score_loss: Callable
     classifier_losses: dict[str, Callable]
     alpha: float
-    sampling_methods: dict[str, tuple[str, float]] | None
+    sampling_methods: dict[str, tuple[str, float | Guidance]] | None
     sampler: Callable
     stages: tuple[Callable, ...]
     workdir: str = ".dlsm"
@@ -67,13 +68,15 @@ class State:
     feature_nets: list | None = None  # images: dlsm.eval.images feature networks, built once when first needed
     test_data: object | None = None  # images: the test split, loaded once when first needed (evaluation)
     stream: object | None = None  # images: features of the samples, computed while sampling (FeatureStream)
+    temperatures: dict[str, tuple] = field(default_factory=dict)  # "{loss}[-{shape}]" -> ((sigma, tau), ...)
 
     def methods(self, spec: ExperimentSpec) -> dict[str, object]:
         """The sampled methods in a fixed order: every classifier shape's (base, scaling, ours, ...), then
         the extra methods in the order the stages added them."""
         out: dict[str, object] = {}
         for shape, per_loss in self.classifiers.items():
-            out.update(build_methods(self.score_model, per_loss, spec.sampling_methods, spec.alpha, shape=shape))
+            out.update(build_methods(self.score_model, per_loss, spec.sampling_methods, spec.alpha, shape=shape,
+                                     temperatures=self.temperatures))
         return {**out, **self.extra_methods}
 
 
@@ -108,23 +111,30 @@ def build_network(factory: Callable[..., nn.Module], data, **kwargs) -> nn.Modul
 def build_methods(
     score_model: nn.Module,
     classifiers: dict[str, nn.Module],
-    sampling_methods: dict[str, tuple[str, float]] | None,
+    sampling_methods: dict[str, tuple[str, float | Guidance]] | None,
     alpha: float,
     *,
     shape: str = "",
+    temperatures: dict[str, tuple] | None = None,
 ) -> dict[str, ModelScores]:
-    """The sampled methods: ``name -> ModelScores(score_model, classifiers[loss name], alpha)``.
+    """The sampled methods: ``name -> ModelScores(score_model, classifiers[loss name], guidance)``.
 
-    Without ``sampling_methods`` every classifier is sampled under its loss's name at ``alpha``.
-    A non-empty ``shape`` is appended to every name (``base-mlp``).
+    Without ``sampling_methods`` every classifier is sampled under its loss's name at ``alpha``. An entry's
+    second item is a number alpha (constant guidance) or a guidance (:mod:`dlsm.math.guidance`); a
+    :class:`~dlsm.math.guidance.TemperatureGuidance` gets its classifier's fitted temperatures from
+    ``temperatures`` (``calibrate_temperature``). A non-empty ``shape`` is appended to every name (``base-mlp``).
     """
     if sampling_methods is None:
         return {method_key(m, shape): ModelScores(score_model, c, alpha=alpha) for m, c in classifiers.items()}
     check_sampling_methods(sampling_methods, classifiers)
-    return {
-        method_key(name, shape): ModelScores(score_model, classifiers[loss], alpha=float(a))
-        for name, (loss, a) in sampling_methods.items()
-    }
+    out = {}
+    for name, (loss, a) in sampling_methods.items():
+        guidance = as_guidance(a, f"experiment.sampling_methods[{name!r}]")
+        fitted = (temperatures or {}).get(method_key(loss, shape))
+        if isinstance(guidance, TemperatureGuidance) and fitted:
+            guidance = guidance.with_taus(fitted)
+        out[method_key(name, shape)] = ModelScores(score_model, classifiers[loss], guidance=guidance)
+    return out
 
 
 def method_key(name: str, shape: str) -> str:
@@ -133,12 +143,12 @@ def method_key(name: str, shape: str) -> str:
 
 
 def check_sampling_methods(sampling_methods: dict, loss_names) -> None:
-    """Each entry must be ``name: (loss name from experiment.classifier_losses, alpha)``."""
+    """Each entry must be ``name: (loss name from experiment.classifier_losses, alpha or guidance)``."""
     for name, spec in sampling_methods.items():
         ok = isinstance(spec, (tuple, list)) and len(spec) == 2 and spec[0] in loss_names
-        if not ok or isinstance(spec[1], bool) or not isinstance(spec[1], (int, float)):
+        if not ok or isinstance(spec[1], bool) or not isinstance(spec[1], (int, float, Guidance)):
             raise ConfigError(
-                f"experiment.sampling_methods[{name!r}] = {spec!r}: expected (loss name, alpha) "
+                f"experiment.sampling_methods[{name!r}] = {spec!r}: expected (loss name, alpha or guidance) "
                 f"with a loss name from experiment.classifier_losses {sorted(loss_names)}"
             )
         wrong = sampling_alphas_error({name: spec})

@@ -12,6 +12,7 @@ from pathlib import Path
 import gin
 
 from dlsm.eval.points import Evaluation, classifier_metrics, sample_metrics
+from dlsm.math.guidance import as_guidance
 from dlsm.report.plots import loss_curves
 from dlsm.stages.base import Run, State, method_key
 
@@ -95,8 +96,11 @@ def log_points(run: Run, state: State) -> None:
     losses = classifier_loss_settings()
     for name, (clf, alpha) in methods.items():
         setting = losses.get(clf, {})
-        params: dict[str, object] = {"method": name, "classifier": clf, "alpha": float(alpha), "seed": spec.seed,
-                                     "loss": setting.get("loss", "?")}
+        guidance = as_guidance(alpha)
+        params: dict[str, object] = {"method": name, "classifier": clf, "alpha": float(guidance.alpha),
+                                     "seed": spec.seed, "loss": setting.get("loss", "?")}
+        if not isinstance(alpha, (int, float)):  # a guidance schedule: its kind and settings
+            params |= guidance.as_params()
         params |= {("lam" if k == "lam" else f"loss.{k}"): v for k, v in setting.items() if k not in ("loss",)}
         _log_point(run, state, name, params)
     for name, scores in state.extra_methods.items():  # e.g. 'exact': the prior model with the oracle's likelihood
