@@ -169,6 +169,66 @@ def test_score_evaluations_are_2n_minus_1():
     assert calls == [t[0], t[1], t[1], t[2], t[2], t[3], t[3], t[4], t[4]]  # Euler at t_i, correction at t_{i+1}
 
 
+def test_defaults_are_edm_algorithm_1_with_18_steps():
+    """No setting given: N = 18 (35 evaluations, on the rho = 7 levels), deterministic (no noise drawn), and
+    S_noise = 1, S_tmin = 0, S_tmax = inf once S_churn > 0 (the stochastic call equals one with them written out)."""
+    calls = []
+
+    def counting(x, sigma):
+        calls.append(float(sigma[0]))
+        return gaussian_score(MU, S)(x, sigma)
+
+    x = heun_sampler(counting, _x0(4), SIGMAS, disable=True)
+    t = karras_sigmas(SIGMA_MIN, SIGMA_MAX, 18, 7.0).tolist()
+    assert len(calls) == 35 and calls[0] == pytest.approx(t[0]) and calls[-1] == pytest.approx(t[-1])
+    torch.testing.assert_close(x, heun_sampler(gaussian_score(MU, S), _x0(4), SIGMAS, n_steps=18, disable=True,
+                                               generator=torch.Generator().manual_seed(3)), rtol=0, atol=0)
+    churned = heun_sampler(gaussian_score(MU, S), _x0(4), SIGMAS, s_churn=5.0, disable=True,
+                           generator=torch.Generator().manual_seed(3))
+    spelled = heun_sampler(gaussian_score(MU, S), _x0(4), SIGMAS, n_steps=18, rho=7.0, s_churn=5.0, s_tmin=0.0,
+                           s_tmax=math.inf, s_noise=1.0, disable=True, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(churned, spelled, rtol=0, atol=0)
+    half = heun_sampler(gaussian_score(MU, S), _x0(4), SIGMAS, s_churn=5.0, s_noise=0.5, disable=True,
+                        generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(churned, half)  # S_noise reaches the churn noise
+
+
+@pytest.mark.parametrize("rho", [1.0, 3.0])
+def test_rho_sets_the_levels_the_score_sees(rho):
+    calls = []
+
+    def counting(x, sigma):
+        calls.append(float(sigma[0]))
+        return gaussian_score(MU, S)(x, sigma)
+
+    heun_sampler(counting, _x0(4), SIGMAS, n_steps=4, rho=rho, disable=True)
+    t = karras_sigmas(SIGMA_MIN, SIGMA_MAX, 4, rho).tolist()  # x is float64: the levels as computed
+    assert calls == pytest.approx([t[0], t[1], t[1], t[2], t[2], t[3], t[3]], rel=1e-12)
+    seven = karras_sigmas(SIGMA_MIN, SIGMA_MAX, 4, 7.0).tolist()
+    assert abs(calls[1] - seven[1]) > 1e-3 * seven[1]  # another rho, other levels
+
+
+def test_callback_x_is_the_state_after_each_step():
+    seen = []
+    out = heun_sampler(gaussian_score(MU, S), _x0(4), SIGMAS, n_steps=3, disable=True,
+                       callback=lambda d: seen.append(d["x"].clone()))
+    assert len(seen) == 3 and torch.equal(seen[-1], out)
+    assert not torch.equal(seen[0], seen[1])  # x moves between steps
+
+
+def test_two_steps_is_the_smallest_binding_and_it_parses():
+    import gin
+
+    from dlsm import components  # noqa: F401
+    from dlsm.config import parse_config
+
+    try:
+        parse_config([], ["experiment.sampler = @heun_sampler", "heun_sampler.n_steps = 2"])
+        assert gin.query_parameter("heun_sampler.n_steps") == 2
+    finally:
+        gin.clear_config()
+
+
 # --------------------------------------------------------------------------------------------
 # guidance: two Gaussian classes, a Bayes-exact classifier
 # --------------------------------------------------------------------------------------------

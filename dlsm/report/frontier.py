@@ -205,7 +205,9 @@ def frontier_figure(points: Sequence[Point], x: Axis, y: Axis, *, highlight: Seq
         if "fid" in axis.key and all(getattr(p, "x" if axis is x else "y").mean > 0 for p in points):
             set_scale("log")
     handles, labels = ax.get_legend_handles_labels()
-    seen = dict(zip(labels, handles, strict=True))
+    seen: dict = {}
+    for label, handle in zip(labels, handles, strict=True):
+        seen.setdefault(label, handle)  # the classifier's first point: a constant alpha's circle where there is one
     ax.legend(seen.values(), seen.keys(), fontsize=8, title="classifier (◆ = schedule)")
     ax.set_xlabel(f"{x.label} ({'higher' if x.higher_is_better else 'lower'} is better)")
     ax.set_ylabel(f"{y.label} ({'higher' if y.higher_is_better else 'lower'} is better)")

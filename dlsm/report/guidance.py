@@ -55,10 +55,15 @@ COLUMNS = (("acc ↑", "sample_acc"), ("CW-FID ↓", "cw/fid.{net}"), ("CW-P ↑
 
 
 def _points_table(runs: SeedRuns, methods: dict) -> str:
+    """Every sampled point, after the sanity rows ``real`` (the test split scored as samples) and ``exact`` (the
+    oracle's likelihood at alpha 1) where they were measured."""
     rows = []
-    for name, (clf, a) in methods.items():
+    sanity = {n: ("—", "real data" if n == "real" else "oracle, α 1") for n in ("real", "exact")
+              if runs.has(n, "sample_acc")}
+    for name, (clf, a) in {**sanity, **methods}.items():
         cells = [str(runs.ci(name, key.format(net=runs.net)) or "—") for _, key in COLUMNS]
-        rows.append([name, clf, f"{a:g}" if isinstance(a, float) else f"`{a}`", *cells])
+        shown = f"{a:g}" if isinstance(a, float) else a if name in sanity else f"`{a}`"
+        rows.append([name, clf, shown, *cells])
     return md_table(["point", "classifier", "α / guidance", *[c for c, _ in COLUMNS]], rows)
 
 
