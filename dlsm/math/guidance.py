@@ -73,7 +73,7 @@ class Guidance:
 
     def check(self, sigma_min: float, sigma_max: float, num_classes: int) -> None:
         """Refuse, in one line, a guidance that cannot act on this experiment (the schedule's [sigma_min, sigma_max]
-        and the class count); called when the sampled methods are built, before anything is sampled."""
+        and the class count); :func:`dlsm.preflight.check_guidance` calls it before anything trains."""
 
     def as_params(self) -> dict[str, object]:
         """What places this guidance among the others, for MLflow params: its kind and its settings."""
