@@ -183,6 +183,12 @@ def test_temperature_guidance_without_fitted_temperatures_is_one_line():
      "got -1.0"),
     (lambda: TemperatureGuidance(alpha=-1.0), "temperature_guidance.alpha must be a finite number >= 0, got -1.0"),
     (lambda: PowerGuidance(alpha=math.inf), "power_guidance.alpha must be a finite number >= 0, got inf"),
+    (lambda: PowerGuidance(power=True), "power_guidance.power must be a finite number, got True"),
+    (lambda: ConstantGuidance("2"), "constant_guidance.alpha must be a finite number >= 0, got '2'"),
+    (lambda: EntropyGuidance(alpha=-1.0), "entropy_guidance.alpha must be a finite number >= 0, got -1.0"),
+    (lambda: TemperatureGuidance(taus=((0.0, 1.0),)), "temperature_guidance sigma must be a finite number > 0, "
+     "got 0.0"),
+    (lambda: TemperatureGuidance(taus=((0.5, 0.0),)), "temperature_guidance tau must be a finite number > 0, got 0.0"),
     (lambda: PowerGuidance(sigma_ref=0.0), "power_guidance.sigma_ref must be a finite number > 0, got 0.0"),
     (lambda: PowerGuidance(power=math.nan), "power_guidance.power must be a finite number, got nan"),
     (lambda: EntropyGuidance(cap=0.0), "entropy_guidance.cap must be a finite number > 0, got 0.0"),
@@ -266,6 +272,8 @@ def test_fit_temperature_is_the_nll_minimum(true_tau):
     best = grid[int(np.argmin(losses))]
     assert tau == pytest.approx(best, rel=2e-3)
     assert nll(z, y, tau) <= min(losses) + 1e-9
+    by_hand = float(-torch.log_softmax(z, -1).gather(1, y[:, None]).mean())  # tau = 1 by default
+    assert nll(z, y) == pytest.approx(by_hand, rel=1e-12)
     assert tau == pytest.approx(true_tau, rel=0.15)  # and near the temperature that made the labels
 
 
@@ -286,13 +294,44 @@ def test_calibration_error_by_hand():
     assert calibration_error(p.log(), y, tau=2.0, n_bins=2) == pytest.approx(hand, abs=1e-6)
 
 
-def test_fit_temperature_bounds_are_checked():
+@pytest.mark.parametrize("bounds", [(0.0, 1.0), (1.0, 1.0), (2.0, 1.0), (0.5, math.inf)])
+def test_fit_temperature_bounds_are_checked(bounds):
     z, y = _tempered_labels(10, 1.0)
     with pytest.raises(ValueError, match="bounds must satisfy"):
-        fit_temperature(z, y, bounds=(0.0, 1.0))
+        fit_temperature(z, y, bounds=bounds)
 
 
 def test_an_interval_that_touches_the_schedule_is_accepted():
     IntervalGuidance(sigma_lo=4.8).check(0.01, 4.8, 10)  # the edges are inclusive
     IntervalGuidance(sigma_hi=0.01).check(0.01, 4.8, 10)
     EntropyGuidance().check(0.01, 4.8, 2)
+
+
+@pytest.mark.parametrize("make", [lambda: ConstantGuidance(2.0), lambda: IntervalGuidance(alpha=2.0, sigma_hi=0.3),
+                                  lambda: PowerGuidance(alpha=2.0, power=0.5), lambda: EntropyGuidance(alpha=2.0),
+                                  lambda: TemperatureGuidance(alpha=2.0).with_taus(((0.1, 2.0), (1.0, 0.5)))])
+def test_a_number_sigma_is_one_sigma_for_every_sample(make):
+    """sigma as a Python number (as in a direct call) is the same as that sigma repeated per sample."""
+    clf, (x, _, y) = Linear(), _batch()
+    guidance = make()
+    a = guidance(clf, x, 0.3, y)
+    b = guidance(clf, x, torch.full((x.shape[0],), 0.3, dtype=torch.float64), y)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_interval_edges_are_compared_in_x_dtype_and_weights_keep_x_dtype():
+    """A float64 x and sigma = 0.1 given as a number: the edge sigma_hi = 0.1 includes it (in float32 it would not:
+    float32(0.1) > 0.1). A float32 x: a weight per sample (power of sigma, a mixed interval) keeps float32."""
+    clf, (x, s, y) = Linear(), _batch()
+    assert IntervalGuidance(alpha=1.0, sigma_hi=0.1)(clf, x, 0.1, y) is not None
+    clf32 = Linear().float()
+    for guidance in (PowerGuidance(alpha=2.0, power=1.0), IntervalGuidance(alpha=2.0, sigma_lo=0.3, sigma_hi=2.0)):
+        assert guidance(clf32, x.float(), s.float(), y).dtype == torch.float32
+
+
+def test_temperature_between_three_fitted_levels():
+    """Three fitted levels: each segment interpolates its own two ends (log tau linear in log sigma)."""
+    taus = ((0.1, 2.0), (1.0, 0.5), (10.0, 4.0))
+    g = TemperatureGuidance().with_taus(taus)
+    got = g.tau(torch.tensor([0.05, math.sqrt(0.1), math.sqrt(10.0), 20.0], dtype=torch.float64)).tolist()
+    assert got == pytest.approx([2.0, 1.0, math.sqrt(0.5 * 4.0), 4.0], rel=1e-12)

@@ -384,6 +384,7 @@ def test_bad_arguments_are_one_line_config_errors(kw, message):
 @pytest.mark.parametrize("args,message", [
     ((0.01, 20.0, 1, 7.0), "karras_sigmas: n must be an integer >= 2, got 1"),
     ((20.0, 0.01, 5, 7.0), "karras_sigmas: need sigma_max > sigma_min > 0, got sigma_max=0.01, sigma_min=20.0"),
+    ((0.0, 20.0, 5, 7.0), "karras_sigmas: need sigma_max > sigma_min > 0, got sigma_max=20.0, sigma_min=0.0"),
     ((0.01, 20.0, 5, 0.0), "karras_sigmas: rho must be a finite number > 0, got 0.0"),
 ])
 def test_bad_grid_is_a_config_error(args, message):

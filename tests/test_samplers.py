@@ -194,6 +194,25 @@ def test_callback_sees_every_level_in_order():
         assert [sg for _, sg in seen] == _sigmas()
 
 
+@pytest.mark.parametrize("sampler", ["langevin", "pc"])
+def test_callback_x_is_the_state_after_each_level(sampler):
+    """The callback's ``x`` after the last level is the returned sample when nothing follows that level (Langevin
+    without its denoise step; PC's last predictor is part of the level), and x moves from level to level."""
+    xs: list[torch.Tensor] = []
+    x0 = prior_sample((8, 2), SIGMA_MAX, generator=torch.Generator().manual_seed(0))
+    fn, kw = (annealed_langevin, {"eps": EPS, "denoise": False}) if sampler == "langevin" else (predictor_corrector, {})
+    out = fn(gaussian_score(torch.zeros(2), 1.0), x0, SIGMAS, generator=torch.Generator().manual_seed(0),
+             callback=lambda info: xs.append(info["x"].clone()), disable=True, **kw)
+    assert len(xs) == L and torch.equal(xs[-1], out) and not torch.equal(xs[0], xs[1])
+
+
+def test_pc_default_snr_is_song_et_al_s_0_16():
+    x0 = prior_sample((8, 2), SIGMA_MAX, generator=torch.Generator().manual_seed(0))
+    run = lambda **kw: predictor_corrector(gaussian_score(torch.zeros(2), 1.0), x0, SIGMAS,  # noqa: E731
+                                           generator=torch.Generator().manual_seed(0), disable=True, **kw)
+    assert torch.equal(run(), run(snr=0.16)) and not torch.equal(run(), run(snr=0.2))
+
+
 def test_burn_in_adds_steps_at_sigma_max_only():
     """burn_in = B at T steps per level equals a first level of T + B steps, the rest unchanged:
     annealed Langevin on the exact Gaussian score, compared step for step with a hand-written loop."""
