@@ -88,18 +88,17 @@ def check_guidance(spec: ExperimentSpec, data, schedule) -> None:
     from dlsm.stages.calibrate import calibrate_temperature
     from dlsm.stages.sample import sample
 
-    sigmas = schedule.sigmas
+    lo, hi = float(schedule.sigmas.min()), float(schedule.sigmas.max())
+    stages = [inspect.unwrap(s) for s in spec.stages]
+    calibrate, draw = inspect.unwrap(calibrate_temperature), inspect.unwrap(sample)
+    calibrated = calibrate in stages and (draw not in stages or stages.index(calibrate) < stages.index(draw))
     for name, (_, guidance) in (spec.sampling_methods or {}).items():
         if not isinstance(guidance, Guidance):
             continue
         try:
-            guidance.check(float(sigmas.min()), float(sigmas.max()), int(data.num_classes))
+            guidance.check(lo, hi, int(data.num_classes))
         except ConfigError as err:
             raise ConfigError(f"experiment.sampling_methods[{name!r}]: {err}") from None
-        stages = [inspect.unwrap(s) for s in spec.stages]
-        calibrated = inspect.unwrap(calibrate_temperature) in stages and (
-            inspect.unwrap(sample) not in stages
-            or stages.index(inspect.unwrap(calibrate_temperature)) < stages.index(inspect.unwrap(sample)))
         if isinstance(guidance, TemperatureGuidance) and not guidance.taus and not calibrated:
             raise ConfigError(f"experiment.sampling_methods[{name!r}] uses temperature_guidance: list "
                               "@calibrate_temperature in experiment.stages before @sample (it fits the temperatures)")
