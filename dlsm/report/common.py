@@ -1,14 +1,17 @@
-"""What the report commands share: the MLflow client, markdown tables, and the command's error handling."""
+"""What the report commands share: the MLflow client, markdown tables, the commit, the figure folder and the
+written report, and the command's error handling."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from dlsm.errors import ConfigError, DlsmError, print_error
 
-__all__ = ["client", "run_report", "table"]
+__all__ = ["client", "commit", "figure_folder", "run_report", "table", "write_report"]
 
 
 def client():
@@ -17,6 +20,33 @@ def client():
     from dlsm.tracking import default_tracking_uri
 
     return MlflowClient(default_tracking_uri())
+
+
+def commit() -> str:
+    """The short commit of the checked-out project ('' outside a git checkout)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent).stdout.strip()
+
+
+def figure_folder(out: Path) -> Path:
+    """``<out's folder>/<out's stem>/``, emptied: where a report's figures go."""
+    fig_dir = out.parent / out.stem
+    if fig_dir.exists():
+        shutil.rmtree(fig_dir)
+    fig_dir.mkdir(parents=True)
+    return fig_dir
+
+
+def write_report(client, out: Path, lines: list[str], fig_dir: Path, sweep_id: str | None) -> Path:
+    """Write the report; with a sweep run, log its figures and the report there too (the MLflow UI shows them
+    beside the sweep's runs). Returns ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    if sweep_id:
+        for png in sorted(fig_dir.glob("*.png")):
+            client.log_artifact(sweep_id, str(png), "report")
+        client.log_artifact(sweep_id, str(out), "report")
+    return out
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
