@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from dlsm.errors import DiskFullError
 
-__all__ = ["copy_atomic", "disk_full_cause", "serialized_size", "write_atomic"]
+__all__ = ["copy_atomic", "disk_full_cause", "full_disk_error", "serialized_size", "write_atomic"]
 
 FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
@@ -107,11 +107,20 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         cause = disk_full_cause(err)
         if cause is None:
             raise
-        needed, free = serialized_size(write), shutil.disk_usage(path.parent).free
-        raise DiskFullError(
-            f"{FULL[cause.errno]} writing {path.name} in {path.parent} (needs about {_mb(needed, up=True)} free, "
-            f"{_mb(free, up=False)} free now); free space and relaunch the same command to resume"
-        ) from err
+        raise full_disk_error(cause, f"writing {path.name} in", path.parent, serialized_size(write)) from err
+
+
+def full_disk_error(cause: OSError, doing: str, folder: str | os.PathLike, needed: int | None) -> DiskFullError:
+    """The one line of a full disk: ``<reason> <doing> <folder> (needs about N MB free, M MB free now); free space
+    and relaunch the same command to resume``; without ``needed`` (bytes), only the free space is given. The free
+    space is that of ``folder`` or of its nearest existing parent."""
+    where = Path(folder)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = _mb(shutil.disk_usage(where).free, up=False)
+    room = f"needs about {_mb(needed, up=True)} free, {free} free now" if needed is not None else f"{free} free now"
+    return DiskFullError(f"{FULL[cause.errno]} {doing} {folder} ({room}); free space and relaunch the same command "
+                         "to resume")
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -9,8 +9,8 @@ Several GPUs: ``torchrun --nproc_per_node N -m dlsm.launch --gin FILE ...`` runs
 processes (:mod:`dlsm.train.distributed`): the training stages use DistributedDataParallel with ``train.batch_size``
 as the global batch, rank 0 alone tracks in MLflow and writes checkpoints, every rank draws its share of the
 sampling units (:mod:`dlsm.stages.units`), and evaluation runs on rank 0. Errors and results are printed once,
-by rank 0; a user error, a NaN loss or a Ctrl-C stops every rank.
-An error on one rank alone (a programming error, a lost MLflow server) leaves torchrun to stop the others.
+by rank 0; a user error, a NaN loss, a full disk (on any rank), a lost MLflow store or a Ctrl-C stops every rank.
+A programming error on one rank alone leaves torchrun to stop the others.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +34,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from dlsm.errors import ConfigError, TrackingError
+from dlsm.files import disk_full_cause, full_disk_error
 from dlsm.store import (
     artifact_root,
     check_tracking_uri,
@@ -229,15 +232,36 @@ class Tracker:
         if self.on_metrics is not None:
             self.on_metrics(mlflow.active_run().data.tags.get("dlsm.stage", ""), metrics, step or 0)
 
+    def _artifact(self, name: str, write: Callable[[], object], size: int | None = None, run_id: str = "") -> None:
+        """An artifact written to the store. A full disk while MLflow copies it (into a temporary file that it then
+        renames: nothing partial is left) is a one-line DiskFullError; the stage stops FAILED, a relaunch redoes it."""
+
+        def guarded() -> None:
+            try:
+                write()
+            except Exception as err:
+                cause = disk_full_cause(err)
+                if cause is None:
+                    raise
+                uri = self.client.get_run(run_id).info.artifact_uri if run_id else mlflow.get_artifact_uri()
+                folder = urllib.parse.unquote(urllib.parse.urlparse(uri).path) if uri.startswith("file:") else uri
+                if "://" in folder:  # a remote store: what filled up is the local folder MLflow stages files in
+                    folder = tempfile.gettempdir()
+                raise full_disk_error(cause, f"copying {name} into MLflow's artifact folder", folder, size) from None
+
+        self._record("artifacts", 1, guarded)
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._record("artifacts", 1, lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
+        self._artifact(Path(path).name, lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path),
+                       Path(path).stat().st_size)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._record("artifacts", 1, lambda: mlflow.log_text(text, artifact_file))
+        self._artifact(artifact_file, lambda: mlflow.log_text(text, artifact_file), len(text.encode()))
 
     def log_text_to(self, run_id: str, text: str, artifact_file: str) -> None:
         """A text artifact in another run than the active one (e.g. a table beside the samples it scores)."""
-        self._record("artifacts", 1, lambda: self.client.log_text(run_id, text, artifact_file))
+        self._artifact(artifact_file, lambda: self.client.log_text(run_id, text, artifact_file), len(text.encode()),
+                       run_id)
 
     def _read_if_kept(self, read: Callable[[], T]) -> T | None:
         """``read()`` from the store for something the run can do without (what it is read for is skipped, as every
@@ -270,13 +294,13 @@ class Tracker:
         import matplotlib.pyplot as plt
 
         try:
-            self._record("artifacts", 1, lambda: mlflow.log_figure(fig, artifact_file))
+            self._artifact(artifact_file, lambda: mlflow.log_figure(fig, artifact_file))
         finally:
             plt.close(fig)
 
     def log_image(self, image, artifact_file: str) -> None:
         """A PIL image or uint8 array as a PNG artifact (sample grids)."""
-        self._record("artifacts", 1, lambda: mlflow.log_image(image, artifact_file=artifact_file))
+        self._artifact(artifact_file, lambda: mlflow.log_image(image, artifact_file=artifact_file))
 
     def check_source_run(self, run_id: str, key: str) -> None:
         """Fail now (not after training the stages before it) if ``key`` names no run of this store."""

@@ -240,3 +240,48 @@ def test_relaunch_after_a_full_disk_resumes_from_the_kept_checkpoint(tmp_path, m
     assert "dlsm: resuming run " in out and f" from {folder}" in out
     assert saved == [20]  # from the kept step 10: a restart from scratch would save at 10 again
     assert load_checkpoint(ckpt)["step"] == 20 and leftovers(ckpt.parent) == []
+
+
+def test_a_full_disk_while_mlflow_copies_the_checkpoint_stops_in_one_line_and_the_relaunch_logs_it(
+        tmp_path, monkeypatch, capsys):
+    """Stage 1's checkpoint is written, then MLflow's copy of it into the run's artifact folder (sqlite store: a
+    local folder) runs out of space. One line naming that folder and exit 5; MLflow leaves no partial file there, the
+    checkpoint itself is kept, and stage 1's child run ends FAILED. The same command, space freed, resumes the run,
+    trains nothing and logs the checkpoint."""
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    free_now(monkeypatch)
+    real_write = LocalArtifactRepository._write_to_destination_path
+
+    def write_on_a_full_disk(self, name, writer, *args, **kwargs):
+        if os.path.basename(name) != "score.pt":
+            return real_write(self, name, writer, *args, **kwargs)
+        return real_write(self, name, lambda f: writer(FullDiskFile(f, room=5000)), *args, **kwargs)
+
+    monkeypatch.setattr(LocalArtifactRepository, "_write_to_destination_path", write_on_a_full_disk)
+    assert launch.main(ARGV) == 5
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (stage1,) = client.search_runs([client.get_experiment_by_name("moons").experiment_id],
+                                   filter_string="tags.`dlsm.stage` = 'stage1-score'")
+    folder = Path(stage1.info.artifact_uri.removeprefix("file://"))
+    (ckpt,) = (tmp_path / ".dlsm").rglob("score.pt")
+    size = ckpt.stat().st_size
+    assert err == [f"dlsm: error: no space left on device copying score.pt into MLflow's artifact folder {folder} "
+                   f"(needs about {-(-size // 100_000) / 10:.1f} MB free, 12.3 MB free now); {RESUME}"]
+    assert stage1.info.status == "FAILED" and load_checkpoint(ckpt)["step"] == 20
+    assert not [p for p in folder.rglob("*") if p.is_file()]  # nothing partial in the artifact folder
+
+    monkeypatch.setattr(LocalArtifactRepository, "_write_to_destination_path", real_write)
+    saved = []
+    real_save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda path, state: (saved.append(state["step"]),
+                                                                      real_save(path, state))[-1])
+    assert launch.main(ARGV) == 0
+    assert "dlsm: resuming run " in capsys.readouterr().out and saved == []  # nothing trained again
+    (stage1,) = client.search_runs([client.get_experiment_by_name("moons").experiment_id],
+                                   filter_string="tags.`dlsm.stage` = 'stage1-score'")
+    assert stage1.info.status == "FINISHED"
+    assert (folder / "checkpoints" / "score.pt").read_bytes() == ckpt.read_bytes()

@@ -209,8 +209,11 @@ TINY = [
 ]
 
 
-def _launch_cmd(cwd: Path) -> list[str]:
-    cmd = _torchrun("-m", "dlsm.launch", "--gin", str(ROOT / "gin" / "moons.gin"))
+def _launch_cmd(cwd: Path, *, faulty: bool = False) -> list[str]:
+    """torchrun of ``dlsm.launch`` on moons.gin with TINY; ``faulty``: through tests/faulty_launch.py, which adds the
+    fault that the environment names (a full disk, a lost store) on one rank."""
+    head = (str(ROOT / "tests" / "faulty_launch.py"),) if faulty else ("-m", "dlsm.launch")
+    cmd = _torchrun(*head, "--gin", str(ROOT / "gin" / "moons.gin"))
     for p in [*TINY, f"experiment.workdir = '{cwd / 'work'}'"]:
         cmd += ["--gin_param", p]
     return cmd
@@ -233,6 +236,7 @@ def test_torchrun_launch_tracks_once_and_resumes_after_ctrl_c(tmp_path):
     # usually stopped inside stage2-ce (a fast machine may get further): a later stage resumes all the same
     assert 0 < torch.load(rundir / "classifier-ce.pt", weights_only=True)["step"] <= 400
 
+    env = _env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     again = subprocess.run(_launch_cmd(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stdout.count("dlsm: resuming run") == 1 and again.stdout.count("total/c0/precision") == 1

@@ -172,6 +172,72 @@ def test_prdc_needs_k_plus_one_points_and_matching_shapes():
         prdc(x, x, k=0)
 
 
+_K_MESSAGE = "prdc.k must be a positive integer (the paper: 5, official CIFAR-10 eval: 3), got {}"
+_CHUNK_MESSAGE = "prdc.chunk_size must be a positive integer, e.g. 4096, got {}"
+
+
+@pytest.mark.parametrize(("real", "fake", "kw", "error", "message"), [
+    # a 1-D tensor is not (N, D) features, though it is a tensor
+    (torch.zeros(10), None, {}, ConfigError, "real features must be a tensor of shape (N, D), got (10,)"),
+    (None, torch.zeros(10), {}, ConfigError, "fake features must be a tensor of shape (N, D), got (10,)"),
+    (None, [[0.0, 1.0]] * 10, {}, ConfigError, "fake features must be a tensor of shape (N, D), got list"),
+    (None, None, {"k": True}, ConfigError, _K_MESSAGE.format("True")),
+    (None, None, {"k": 2.0}, ConfigError, _K_MESSAGE.format("2.0")),
+    (None, None, {"k": 0}, ConfigError, _K_MESSAGE.format("0")),
+    (None, None, {"chunk_size": True}, ConfigError, _CHUNK_MESSAGE.format("True")),
+    (None, None, {"chunk_size": 2.5}, ConfigError, _CHUNK_MESSAGE.format("2.5")),
+    (None, None, {"chunk_size": 0}, ConfigError, _CHUNK_MESSAGE.format("0")),
+    (None, None, {"dtype": torch.float16}, ConfigError,
+     "prdc.dtype must be torch.float32 or torch.float64, got torch.float16"),
+    (torch.full((10, 4), math.nan), None, {}, DataError,
+     "real features contain NaN or Inf: check the samples or the feature extractor"),
+    (None, torch.full((10, 4), math.inf), {}, DataError,
+     "fake features contain NaN or Inf: check the samples or the feature extractor"),
+])
+def test_prdc_bad_input_is_one_exact_line(real, fake, kw, error, message):
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(error) as err:
+        prdc(x if real is None else real, x if fake is None else fake, **kw)
+    assert str(err.value) == message
+
+
+def test_prdc_default_k_is_the_papers_five():
+    """Without k, the metrics are those of k = 5 (the DLSM paper), which differ here from k = 4 and k = 6."""
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    fake = 0.7 + torch.randn(30, 3, generator=g, dtype=torch.float64)
+    default = prdc(real, fake, dtype=torch.float64)
+    assert default == prdc(real, fake, k=5, dtype=torch.float64)
+    assert_same_prdc(default, reference_prdc(real, fake, 5), 30, 5)
+    for other in (4, 6):
+        assert default != prdc(real, fake, k=other, dtype=torch.float64)
+
+
+def test_prdc_recall_ball_is_open_at_an_exact_tie():
+    """k = 1, real {0, 4}, fake {0, 2}: fake radii 0 -> 2 and 2 -> 2, real radii 4 and 4. Real 4 is exactly
+    2 from fake 2 (the radius: outside the open ball) and 4 from fake 0: recall 1/2. Precision: both fakes lie
+    within 4 of real 0: 1. Density: fake 0 in real 0's ball only (|0-4| = 4 is on 4's boundary), fake 2 in both:
+    3 / 2. Coverage: real 0's nearest fake is at 0 < 4, real 4's at 2 < 4: 1."""
+    real = torch.tensor([[0.0], [4.0]], dtype=torch.float64)
+    fake = torch.tensor([[0.0], [2.0]], dtype=torch.float64)
+    expected = {"precision": 1.0, "recall": 0.5, "density": 1.5, "coverage": 1.0}
+    assert prdc(real, fake, k=1, dtype=torch.float64) == expected
+    assert prdc(real, fake, k=1) == expected
+
+
+def test_prdc_computes_in_the_requested_dtype():
+    """The hand case of test_prdc_hand_computed_with_boundary_ties with fake 5 moved in by 1e-12, given as float64.
+    In float64 it enters the ball of real 3 (radius 2, distance 2 - 1e-12): density (2 + 2 + 2 + 1) / 4 and
+    coverage 1. Asked for float32, the features are cast first, 5 - 1e-12 rounds to 5.0, and the tie is back:
+    the hand answer of the exact 5 (density 1.5, coverage 0.8)."""
+    real = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]], dtype=torch.float64)
+    fake = torch.tensor([[0.5], [5.0 - 1e-12], [8.0], [11.0]], dtype=torch.float64)
+    assert prdc(real, fake, k=1, dtype=torch.float64) == {
+        "precision": 1.0, "recall": 1.0, "density": 1.75, "coverage": 1.0}
+    assert prdc(real, fake, k=1, dtype=torch.float32) == {
+        "precision": 1.0, "recall": 1.0, "density": 1.5, "coverage": 0.8}
+
+
 def test_classwise_with_one_class_is_the_overall_metric():
     g = torch.Generator().manual_seed(4)
     real, fake = torch.randn(60, 4, generator=g), 0.3 + torch.randn(50, 4, generator=g)
@@ -638,6 +704,7 @@ def test_classwise_mean_of_a_float_metric_over_several_classes():
     (3, ("real", [0, 1, 3]), "real labels must lie in [0, 3), got [0, 3]"),   # a label equal to the class count
     (3, ("fake", [-1, 1, 2]), "fake labels must lie in [0, 3), got [-1, 2]"),
     (3, ("fake", [[0, 1, 2]]), "fake labels must have shape (3,), got (1, 3)"),
+    (3, ("fake", [[0], [1], [2]]), "fake labels must have shape (3,), got (3, 1)"),  # first dimension matches
 ])
 def test_classwise_bad_input_is_one_exact_line(num_classes, labels, message):
     x, y = torch.zeros(3, 2), torch.tensor([0, 1, 2])

@@ -277,6 +277,33 @@ def test_fit_temperature_is_the_nll_minimum(true_tau):
     assert tau == pytest.approx(true_tau, rel=0.15)  # and near the temperature that made the labels
 
 
+def _argmin_by_bisection(z: torch.Tensor, y: torch.Tensor) -> float:
+    """The NLL-optimal tau in float64 by bisection on d NLL / d b, b = 1 / tau (NLL is convex in b, so its derivative
+    is increasing), to machine precision: an independent check of the precision ``fit_temperature`` promises."""
+    def slope(b: float) -> float:
+        bt = torch.tensor(b, dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(bt * z, y), bt)
+        return float(g)
+
+    lo, hi = 1 / 20.0, 1 / 0.05
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if slope(mid) > 0 else (mid, hi)
+    return 2.0 / (lo + hi)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_fit_temperature_is_precise_to_a_millionth(seed):
+    """The fitted tau is the exact minimiser to 1e-6 relative (scipy's bounded Brent search with xatol = 1e-6 in
+    log tau). Measured: at most 1.7e-7 over these seeds; with scipy's default tolerance, 1e-5, seeds 4, 8 and 11
+    miss by 1.1-1.3e-6."""
+    g = torch.Generator().manual_seed(seed)
+    z = 3.0 * torch.randn(500, 5, generator=g, dtype=torch.float64)
+    y = torch.where(torch.rand(500, generator=g, dtype=torch.float64) < 0.6, z.argmax(1),
+                    torch.randint(0, 5, (500,), generator=g))
+    assert fit_temperature(z, y) == pytest.approx(_argmin_by_bisection(z, y), rel=1e-6, abs=0)
+
+
 def test_calibration_error_by_hand():
     """Four points, two bins: confidences 0.9, 0.8 (bin (0.5, 1]) and 0.4, 0.3 (bin (0, 0.5]) for K = 2 ... the
     top-class probability; accuracy per bin from the labels. ECE = sum_b |acc_b - conf_b| n_b / N."""

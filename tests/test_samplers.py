@@ -443,3 +443,18 @@ def test_prior_sample_on_the_gpu():
     assert x.device.type == "cuda"
     assert torch.equal(x, prior_sample((1000, 3), 7.0, generator=make_generator(0, "cuda")))
     assert prior_sample((2, 3), 7.0, generator=make_generator(0, "cuda"), device="cuda").device.type == "cuda"
+
+
+@pytest.mark.parametrize(("sampler", "desc", "kw"), [(annealed_langevin, "langevin", {"eps": EPS}),
+                                                     (predictor_corrector, "pc", {})])
+def test_progress_bar_is_labelled_cleared_at_the_end_and_silent_when_disabled(sampler, desc, kw, capsys):
+    """The sampler's bar (under a stage's own bar): named after the sampler, cleared when it ends (``leave=False``:
+    the last thing written is a carriage return, not a finished bar and a newline), and silent with
+    ``disable=True`` (sweep trials, ranks other than 0). ``disable=False`` shows it even where stderr is no
+    terminal, as here; tqdm's ``disable=None`` would hide it."""
+    x0, g = torch.zeros(4, 2), torch.Generator().manual_seed(0)
+    sampler(gaussian_score(torch.zeros(2), 1.0), x0, SIGMAS, generator=g, disable=False, **kw)
+    err = capsys.readouterr().err
+    assert err.startswith(f"\r{desc}: ") and err.endswith("\r") and not err.endswith("\n"), repr(err[-200:])
+    sampler(gaussian_score(torch.zeros(2), 1.0), x0, SIGMAS, generator=g, disable=True, **kw)
+    assert capsys.readouterr().err == ""

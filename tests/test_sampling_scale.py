@@ -13,6 +13,7 @@ Every process runs one thread (OMP_NUM_THREADS=1), so float results are comparab
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,10 +41,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_cmd(*params: str, procs: int = 1) -> list[str]:
-    head = [sys.executable, "-m", "dlsm.launch"] if procs == 1 else [
+def _launch_cmd(*params: str, procs: int = 1, faulty: bool = False) -> list[str]:
+    """``dlsm.launch`` of digits32 + smoke with ``procs`` processes; ``faulty``: through tests/faulty_launch.py."""
+    launch = [str(ROOT / "tests" / "faulty_launch.py")] if faulty else ["-m", "dlsm.launch"]
+    head = [sys.executable, *launch] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "dlsm.launch"]
+        "--master_port", str(_free_port()), *launch]
     return head + GIN + [x for p in params for x in ("--gin_param", p)]
 
 
@@ -141,3 +144,50 @@ def test_a_killed_sampling_stage_resumes_with_the_uninterrupted_images(reference
     ref = _eval_metrics(cwd, ref_id)
     for key in ("ours/fid.evaluator", "base/precision.evaluator", "scaling/sample_acc"):
         assert re.data.metrics[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+
+
+def _stopped_together(proc: subprocess.CompletedProcess, exits: Path) -> str:
+    """The one line of a 2-process launch that stopped on a full disk: both ranks left ``dlsm.launch`` by themselves
+    with DiskFullError's exit code 5 (tests/faulty_launch.py wrote it into ``exits``), none with a traceback."""
+    assert proc.returncode != 0
+    assert {p.name: p.read_text() for p in exits.iterdir()} == {"rank0": "5", "rank1": "5"}, proc.stderr[-3000:]
+    assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("[rank")], proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("dlsm:")]
+    return line
+
+
+def test_a_full_disk_on_one_rank_stops_both_in_one_line_and_the_relaunch_resumes(reference, tmp_path):
+    """2 processes sample apart; rank 1's disk fills up at its 4th unit. Rank 0 draws its 15 units (kept), then
+    both stop with rank 1's error, printed once by rank 0 (before, rank 1 left alone and rank 0 died in gloo with a
+    traceback at the end of sampling, with no word of the disk). Relaunched, the 12 missing units are drawn, and
+    rank 0's disk fills up while it writes the second ``.npz``: both stop again in one line. The same command without
+    a fault then writes images that are the one-process reference's, byte for byte."""
+    cwd, ref_id = reference
+    params = [*FAST, *_from(ref_id, ".dlsm-f"), "experiment.stages = [@train_score_model, @train_classifiers, @sample]"]
+    outcomes = [tmp_path / "units", tmp_path / "npz"]
+    faults = [{"DLSM_FULL_RANK": "1", "DLSM_FULL_FILE": "c*-b*.pt", "DLSM_FULL_AFTER": "3"},
+              {"DLSM_FULL_RANK": "0", "DLSM_FULL_FILE": "samples-*.npz", "DLSM_FULL_AFTER": "1"}]
+    runs = []
+    for exits, fault in zip(outcomes, faults, strict=True):
+        exits.mkdir()
+        runs.append(subprocess.run(_launch_cmd(*params, procs=2, faulty=True), cwd=cwd, capture_output=True, text=True,
+                                   env={**_env(), **fault, "DLSM_EXITS": str(exits)}, timeout=600))
+    (rundir,) = [p for p in (cwd / ".dlsm-f" / "digits32").iterdir() if p.is_dir()]  # beside it: <hash>.lock
+    folder = re.escape(str(rundir.relative_to(cwd)))  # as experiment.workdir gives it
+    line = _stopped_together(runs[0], outcomes[0])
+    assert re.fullmatch(rf"dlsm: error: no space left on device writing c\d-b0\.pt in {folder}/sampling/"
+                        r"(base|scaling|ours) \(needs about [\d.]+ MB free, [\d.]+ MB free now\); free space and "
+                        r"relaunch the same command to resume", line), line
+    line = _stopped_together(runs[1], outcomes[1])
+    assert re.fullmatch(rf"dlsm: error: no space left on device writing samples-\w+\.npz in {folder} \(needs about "
+                        r"[\d.]+ MB free, [\d.]+ MB free now\); free space and relaunch the same command to resume",
+                        line), line
+    assert "15 of 15 units of rank 0 are drawn" in runs[1].stdout  # kept from the first launch
+    assert len(list(rundir.glob("sampling/*/*.pt"))) == 30 and not list(rundir.rglob("*.tmp"))
+    assert len(list(rundir.glob("samples-*.npz"))) == 1
+
+    again = subprocess.run(_launch_cmd(*params, procs=2), cwd=cwd, env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "15 of 15 units of rank 0 are drawn" in again.stdout
+    assert _npz(cwd, ".dlsm-f") == _npz(cwd, ".dlsm")

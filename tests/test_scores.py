@@ -193,6 +193,31 @@ def test_guidance_points_towards_the_class():
         assert bool((lik[:, 0] < 0).all())
 
 
+def test_labels_of_any_integer_dtype_pick_the_class():
+    """A label tensor of int32 or uint8 (as datasets store them) gives the term of the same classes as int64 labels
+    and as the class given as a number: the labels are cast to the index dtype that ``gather`` needs."""
+    (pi, mu, s, sig, x_np), clf, score_model, x, sigma_arg = _problem(5, 3, 2, 6, 1.0, False)
+    scores = ModelScores(score_model, clf, alpha=2.0)
+    ref = scores.posterior(x, sigma_arg, 2)
+    _close(ref, _prior_score(x_np, pi, mu, s, sig) + 2.0 * _likelihood_score(x_np, pi, mu, s, sig, 2))
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        torch.testing.assert_close(scores.posterior(x, sigma_arg, torch.full((6,), 2, dtype=dtype)), ref,
+                                   rtol=0, atol=0)
+
+
+def test_a_guided_method_records_its_guidance_alpha():
+    """With a guidance object, ``ModelScores.alpha`` is the guidance's scale (not the unused ``alpha`` argument), so
+    the fingerprint of the method's sampling units (:func:`dlsm.stages.units.networks_digest`) changes with it and
+    units drawn at one scale are never reused at another."""
+    from dlsm.math.guidance import ConstantGuidance
+    from dlsm.stages.units import networks_digest
+
+    (_, _, _, _, _), clf, score_model, _, _ = _problem(5, 3, 2, 6, 1.0, False)
+    two, three = (ModelScores(score_model, clf, guidance=ConstantGuidance(a)) for a in (2.0, 3.0))
+    assert (two.alpha, three.alpha) == (2.0, 3.0)
+    assert networks_digest(two) != networks_digest(three)
+
+
 @pytest.mark.parametrize("sigma", [0.05, 1.0, 7.5])
 def test_closed_forms_match_finite_differences(sigma):
     """The references above, against central differences of the numpy log-densities (h = 1e-5)."""

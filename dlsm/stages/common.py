@@ -1,17 +1,20 @@
-"""What the training stages share: train one network in its gin scope inside a child run, or reuse one."""
+"""What the training stages share: train one network in its gin scope inside a child run, or reuse one; and the
+child run of a stage that every rank runs (:func:`every_rank_stage`, sampling uses it too)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gin
 from torch import nn
 
+from dlsm.errors import DlsmError
 from dlsm.files import copy_atomic
 from dlsm.report.plots import loss_curves
 from dlsm.stages.base import Run, seed_everything
@@ -19,9 +22,30 @@ from dlsm.train import distributed as dist
 from dlsm.train.checkpoints import load_ema_weights
 from dlsm.train.loop import train
 
-__all__ = ["STAGE1", "fit", "load_published", "reuse"]
+__all__ = ["STAGE1", "every_rank_stage", "fit", "load_published", "reuse"]
 
 STAGE1 = "stage1-score"
+
+
+@contextlib.contextmanager
+def every_rank_stage(run: Run, stage: str) -> Iterator[tuple[str, bool]]:
+    """``run.tracker.stage(run.parent_id, stage)`` for a stage that every rank runs (torchrun): yields rank 0's
+    (run id, already finished) on every rank, and the child run's start and end, on rank 0, are collectives, so that
+    an error there (its MLflow store lost: a TrackingError) stops every rank at once with the line rank 0 prints,
+    instead of leaving the other ranks waiting for a rank that is gone.
+
+    The body must do the same with the work that rank 0 does alone and that can fail (:func:`fit` logs the
+    checkpoint and the loss figure through :func:`~dlsm.train.distributed.from_main`, and the sampling stage gathers
+    and writes its samples so), and ranks that work apart share their errors with
+    :func:`~dlsm.train.distributed.settle`. An error raised on every rank at once ends rank 0's child run FAILED.
+    One process: ``tracker.stage`` itself."""
+    if dist.world_size() == 1:
+        with run.tracker.stage(run.parent_id, stage) as answer:
+            yield answer
+        return
+    with contextlib.ExitStack() as held:  # rank 0's child run
+        yield dist.from_main(lambda: held.enter_context(run.tracker.stage(run.parent_id, stage)))
+        dist.from_main(held.close)  # the run ends on rank 0: a lost store's error there reaches every rank
 
 
 def fit(
@@ -49,8 +73,7 @@ def fit(
     Under torchrun every rank trains (same seed, same network); rank 0 fetches, prints and logs.
     """
     tracker = run.tracker
-    with tracker.stage(run.parent_id, stage) as answer:
-        run_id, done = dist.share(answer)  # rank 0's run and "already finished" (torchrun)
+    with every_rank_stage(run, stage) as (run_id, done):  # rank 0's run and "already finished" (torchrun)
         t0 = time.perf_counter()
         tracker.log_params(params)
         seed_everything(run.seed(seed_offset))
@@ -74,10 +97,14 @@ def fit(
                 stage=stage_label, log_fn=tracker.log_metrics, eval_fn=eval_fn, device=run.device,
                 snapshot_fn=snapshot_fn,
             )
-        if not done:
-            tracker.log_artifact(ckpt, "checkpoints")
-            if res.losses:
-                tracker.log_figure(loss_curves({stage_label: res.losses}, stage), "plots/loss.png")
+
+        def log_files() -> None:  # rank 0; a full disk in MLflow's artifact folder stops every rank (torchrun)
+            if not done:
+                tracker.log_artifact(ckpt, "checkpoints")
+                if res.losses:
+                    tracker.log_figure(loss_curves({stage_label: res.losses}, stage), "plots/loss.png")
+
+        dist.from_main(log_files)
         run.timings[f"time/{stage}_s"] = time.perf_counter() - t0
         tracker.log_metrics({"wall_seconds": run.timings[f"time/{stage}_s"]})
     return res.ema, res.losses, run_id
@@ -90,8 +117,7 @@ def reuse(run: Run, stage: str, build: Callable[[], nn.Module]) -> tuple[nn.Modu
     key = "experiment.stage1_run_id" if stage == STAGE1 else "experiment.stage2_run_id"
     source = spec.stage1_run_id if stage == STAGE1 else spec.stage2_run_id
     name = "score.pt" if stage == STAGE1 else f"classifier-{stage.removeprefix('stage2-')}.pt"
-    with tracker.stage(run.parent_id, stage) as answer:
-        run_id, _ = dist.share(answer)
+    with every_rank_stage(run, stage) as (run_id, _):
         tracker.log_params({**run.params, f"reused_{key.split('.')[1]}": source})
         seed_everything(run.seed(1))
         with gin.config_scope("score" if stage == STAGE1 else "classifier"):
@@ -101,8 +127,12 @@ def reuse(run: Run, stage: str, build: Callable[[], nn.Module]) -> tuple[nn.Modu
         tmp = Path(dist.from_main(lambda: tempfile.mkdtemp(prefix="dlsm-ckpt-")))
         try:
             path = dist.from_main(lambda: tracker.download_checkpoint(source, stage, name, key=key, dst=tmp))
-            ema = load_ema_weights(model, path)
-            dist.barrier()
+            error: DlsmError | None = None
+            try:
+                ema = load_ema_weights(model, path)
+            except DlsmError as err:  # e.g. a rank that cannot read rank 0's folder: every rank stops with it
+                error = err
+            dist.settle(error)  # and every rank has read the file before rank 0 removes it
         finally:
             if dist.is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -117,8 +147,7 @@ def load_published(run: Run, stage: str, scope: str, build: Callable[[], nn.Modu
     :func:`dlsm.preflight.check_published`), recorded as the child run ``stage`` with the file's path, SHA-256 and
     step. Every rank (torchrun) reads the file itself. Returns (network in eval mode on the run's device, run id)."""
     tracker, path = run.tracker, str(Path(path).expanduser())  # as dlsm.preflight.check_published read it
-    with tracker.stage(run.parent_id, stage) as answer:
-        run_id, done = dist.share(answer)
+    with every_rank_stage(run, stage) as (run_id, done):
         t0 = time.perf_counter()
         seed_everything(run.seed(1))
         with gin.config_scope(scope):

@@ -19,11 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from dlsm import config as cfg
-from dlsm.errors import CheckpointError, ConfigError
+from dlsm.errors import CheckpointError, ConfigError, DlsmError
 from dlsm.files import write_atomic
 from dlsm.math.samplers import prior_sample
 from dlsm.report.plots import paper_order
 from dlsm.stages.base import Run, State
+from dlsm.stages.common import every_rank_stage
 from dlsm.stages.units import Unit, UnitStore, networks_digest, plan_units, share
 from dlsm.train import distributed as dist
 from dlsm.train.device import make_generator
@@ -173,26 +174,30 @@ def sample(
         from dlsm.stages.evaluate import feature_nets
 
         nets = dist.main_first(lambda: feature_nets(run, state))  # rank 0 builds (and caches) the evaluator first
-    with run.tracker.stage(run.parent_id, "sampling"):
+    with every_rank_stage(run, "sampling"):
         t0 = time.perf_counter()
         run.tracker.log_params({**run.params, "alpha": spec.alpha, "n_per_class": str(counts)})
         if dist.is_main() and len(pending) < len(mine):
             whose = "" if dist.world_size() == 1 else " of rank 0"
             print(f"dlsm: sampling resumes from {store.folder}: {len(mine) - len(pending)} of {len(mine)} "
                   f"units{whose} are drawn")
-        for unit in tqdm(pending, desc="sampling", unit="unit", disable=not dist.is_main()):
-            y = unit.labels.to(run.device) if unit.sizes else unit.c
-            x = sample_class(spec.sampler, methods[unit.method].posterior_fn(y), schedule, tuple(data.shape),
-                             unit.n, seed=unit.seed, device=run.device).cpu()
-            features = {net.name: net.extract(data.decode(x)) for net in nets} if nets else None
-            store.save(unit, x, features)
-        dist.barrier()  # every rank's units are on disk
-        if not dist.is_main():
-            return state
-        _gather(run, state, units, store, nets, image=image, grid_columns=grid_columns)
-        run.timings["time/sampling_s"] = time.perf_counter() - t0
-        run.tracker.log_metrics({"wall_seconds": run.timings["time/sampling_s"], "units": len(units),
-                                 "units_resumed": len(mine) - len(pending)})  # rank 0's
+        error: DlsmError | None = None
+        try:
+            for unit in tqdm(pending, desc="sampling", unit="unit", disable=not dist.is_main()):
+                y = unit.labels.to(run.device) if unit.sizes else unit.c
+                x = sample_class(spec.sampler, methods[unit.method].posterior_fn(y), schedule, tuple(data.shape),
+                                 unit.n, seed=unit.seed, device=run.device).cpu()
+                features = {net.name: net.extract(data.decode(x)) for net in nets} if nets else None
+                store.save(unit, x, features)
+        except DlsmError as err:  # a full disk on this rank: the units it saved are kept for the relaunch
+            error = err
+        dist.settle(error)  # every rank's units are on disk, or every rank stops with the first rank's error
+        # rank 0 gathers and writes the samples while the others wait: a full disk there stops every rank
+        dist.from_main(lambda: _gather(run, state, units, store, nets, image=image, grid_columns=grid_columns))
+        if dist.is_main():
+            run.timings["time/sampling_s"] = time.perf_counter() - t0
+            run.tracker.log_metrics({"wall_seconds": run.timings["time/sampling_s"], "units": len(units),
+                                     "units_resumed": len(mine) - len(pending)})  # rank 0's
     return state
 
 

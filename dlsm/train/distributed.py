@@ -20,7 +20,10 @@ Who does what, everywhere in dlsm:
   checkpoints and files. Decisions taken on rank 0 (resume which run, is a stage finished, where a checkpoint was
   downloaded) reach the other ranks through :func:`from_main` / :func:`share`. Every rank reads the checkpoints
   rank 0 writes, so ``experiment.workdir`` must be shared (one machine, or a shared file system).
-- Sampling, evaluation and figures run on rank 0 alone (:func:`dlsm.experiment.run_experiment`).
+- Sampling runs on every rank, each drawing its share of the units; evaluation and figures run on rank 0 alone
+  (:func:`dlsm.experiment.run_experiment`).
+- Errors: one found on rank 0 in work it does for all (:func:`from_main`) or in work the ranks do apart
+  (:func:`settle`) is raised on every rank at the same point, so every rank stops together and rank 0 prints it.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from dlsm.errors import ConfigError
 
 __all__ = [
     "any_rank", "barrier", "cleanup", "from_main", "init", "is_main", "local_rank", "main_first", "mean", "rank",
-    "rank_seed", "share", "shard", "world_size", "wrap",
+    "rank_seed", "settle", "share", "shard", "world_size", "wrap",
 ]
 
 T = TypeVar("T")
@@ -79,7 +82,8 @@ def cleanup(*, failed: bool = False) -> None:
     ``failed``: this rank leaves on an error (a user error, a NaN loss, Ctrl-C: every rank raises it together).
     Every rank then first waits, at most ``GRACE_S`` seconds, until all have got here, because torchrun stops every
     process as soon as one has exited with an error, which could cut rank 0 short while it prints the error and
-    closes its MLflow run. (An error on one rank alone costs that wait, then torchrun stops the others.)"""
+    closes its MLflow run. (An error on one rank alone, which :func:`from_main` or :func:`settle` did not share,
+    costs that wait, then torchrun stops the others.)"""
     global _control
     if not dist.is_initialized():
         return
@@ -127,12 +131,29 @@ def share(value: T | None) -> T:
     return box[0]
 
 
-def _picklable(err: BaseException) -> BaseException:
+def _survives_pickling(err: BaseException) -> bool:
     try:
         pickle.loads(pickle.dumps(err))
-        return err
+        return True
     except Exception:
-        return RuntimeError(f"on rank 0: {type(err).__name__}: {err}")
+        return False
+
+
+def _picklable(err: BaseException) -> BaseException:
+    """``err``, to be sent to the other ranks. An error raised inside a gin configurable is gin's proxy, a class made
+    on the fly that pickle cannot find: it is sent as the class it stands for, with its first line (the line that
+    :func:`dlsm.errors.print_error` prints). Anything else that does not pickle becomes a RuntimeError naming it."""
+    if _survives_pickling(err):
+        return err
+    base = type(err).__mro__[1]
+    if base.__name__ == type(err).__name__:  # gin's ExceptionProxy takes the name of the class it subclasses
+        try:
+            copy = base(str(err).splitlines()[0])
+        except Exception:
+            copy = None
+        if copy is not None and _survives_pickling(copy):
+            return copy
+    return RuntimeError(f"on rank {rank()}: {type(err).__name__}: {err}")
 
 
 def from_main(fn: Callable[[], T]) -> T:
@@ -151,6 +172,23 @@ def from_main(fn: Callable[[], T]) -> T:
     if not ok:
         raise value
     return value
+
+
+def settle(error: BaseException | None) -> None:
+    """Every rank says whether its own work failed (``error``, or None); if any did, every rank raises the error of
+    the lowest rank that failed, so rank 0 prints it even when another rank's disk filled up, and every rank leaves
+    together instead of waiting for one that is gone. A collective: every rank must call it at the same point, e.g.
+    after work the ranks do apart (drawing their sampling units) or that rank 0 alone may fail in (logging a stage's
+    files). For one process: ``error`` is raised if there is one."""
+    if world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    errors: list[BaseException | None] = [None] * world_size()
+    dist.all_gather_object(errors, None if error is None else _picklable(error))
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise error if error is not None and first is errors[rank()] else first
 
 
 def main_first(fn: Callable[[], T]) -> T:

@@ -275,11 +275,10 @@ def _log_loss(a: _Args, s: _LoopState, bar: tqdm) -> None:
 
 
 def _checkpoint(a: _Args, s: _LoopState) -> None:
-    """Rank 0 writes the resumable state; ``save_checkpoint`` is looked up in this module when called (the
-    distributed tests count the writes by replacing ``dlsm.train.loop.save_checkpoint``)."""
-    if not dist.is_main():
-        return
-    save_checkpoint(
+    """Rank 0 writes the resumable state, and a failed write (a full disk) stops every rank with its one line
+    (``dist.from_main``; every rank calls this in lockstep). ``save_checkpoint`` is looked up in this module when
+    called (the distributed tests count the writes by replacing ``dlsm.train.loop.save_checkpoint``)."""
+    dist.from_main(lambda: save_checkpoint(
         s.ckpt_path,
         {
             "step": s.step,
@@ -291,7 +290,7 @@ def _checkpoint(a: _Args, s: _LoopState) -> None:
             "base_lrs": s.base_lrs,
             "warmup": a.warmup,
         },
-    )
+    ))
 
 
 def _evaluate(a: _Args, s: _LoopState) -> None:
