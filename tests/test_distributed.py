@@ -192,6 +192,34 @@ def test_one_process_is_a_world_of_one():
     dist.barrier()
     with pytest.raises(ZeroDivisionError):
         dist.from_main(lambda: 1 / 0)
+    dist.settle(None)
+    err = ConfigError("mine")
+    with pytest.raises(ConfigError) as got:
+        dist.settle(err)
+    assert got.value is err
+
+
+def test_an_error_raised_inside_a_gin_configurable_reaches_the_other_ranks_as_its_own_class():
+    """gin re-raises an error from inside a configurable as a proxy, a class made on the fly that pickle cannot
+    find; what :func:`dist.from_main` and :func:`dist.settle` send is the class it stands for, with the first line
+    (the one rank 0 prints), so the other ranks stop as for that user error, not with a RuntimeError's traceback."""
+    import pickle
+
+    from gin.utils import augment_exception_message_and_reraise
+
+    from dlsm.errors import DiskFullError
+
+    try:
+        augment_exception_message_and_reraise(DiskFullError("no space left on device writing score.pt in w"),
+                                              "\n  In call to configurable 'train' (<function train>)")
+    except DiskFullError as err:
+        proxy = err
+    with pytest.raises(Exception):  # noqa: B017, PT011  (what the proxy raises varies: PicklingError, TypeError)
+        pickle.dumps(proxy)
+    sent = pickle.loads(pickle.dumps(dist._picklable(proxy)))
+    assert type(sent) is DiskFullError and str(sent) == "no space left on device writing score.pt in w"
+    other = pickle.loads(pickle.dumps(dist._picklable(ValueError(lambda: 0))))  # holds what pickle cannot take
+    assert type(other) is RuntimeError and str(other).startswith("on rank 0: ValueError: <function ")
 
 
 # --------------------------------------------------------------------------------------------

@@ -177,9 +177,9 @@ def from_main(fn: Callable[[], T]) -> T:
 def settle(error: BaseException | None) -> None:
     """Every rank says whether its own work failed (``error``, or None); if any did, every rank raises the error of
     the lowest rank that failed, so rank 0 prints it even when another rank's disk filled up, and every rank leaves
-    together instead of waiting for one that is gone. A collective: every rank must call it at the same point, e.g.
-    after work the ranks do apart (drawing their sampling units) or that rank 0 alone may fail in (logging a stage's
-    files). For one process: ``error`` is raised if there is one."""
+    together instead of waiting for one that is gone. A collective: every rank must call it at the same point, after
+    work the ranks do apart (drawing their sampling units, reading a file rank 0 wrote). For one process: ``error``
+    is raised if there is one."""
     if world_size() == 1:
         if error is not None:
             raise error
