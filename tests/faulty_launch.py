@@ -5,8 +5,9 @@ A full disk, set by the environment:
 - ``DLSM_FULL_RANK``: the rank (torchrun's ``RANK``, 0 for one process) whose disk fills up;
 - ``DLSM_FULL_FILE``: an ``fnmatch`` pattern of the file names whose writes fail (``score.pt``, ``c*-b*.pt``);
 - ``DLSM_FULL_AFTER``: how many writes of such files succeed first (default 0).
-The fault is the one of tests/test_disk_full.py, at the same level: the temporary file that
-:func:`dlsm.files.write_atomic` writes into takes part of the bytes and then raises ``OSError(ENOSPC)``.
+The fault is the one of tests/test_disk_full.py (:class:`FullDiskFile`, which it imports from here), at the same
+level: the temporary file that :func:`dlsm.files.write_atomic` writes into takes 1,000 bytes and then raises
+``OSError(ENOSPC)``.
 
 ``DLSM_EXITS``: a folder where each rank that returns from ``dlsm.launch`` by itself writes its exit code
 (file ``rank<N>``); a rank that torchrun stopped, or that died of an uncaught exception, writes nothing.
@@ -21,20 +22,22 @@ import errno
 import fnmatch
 import os
 import sys
+from pathlib import Path
 
 
-class _FullFile:
-    """A file on a disk with 1,000 bytes left: writes past them write what fits, then raise ENOSPC."""
+class FullDiskFile:
+    """A real temporary file on a disk with ``room`` bytes left: the write that crosses it writes what fits, then
+    raises ENOSPC (or ``err``) like the kernel does. At close, what the file holds is appended to ``seen``."""
 
-    def __init__(self, f) -> None:
-        self.f, self.room = f, 1000
+    def __init__(self, f, room: int, err: int = errno.ENOSPC, seen: list[bytes] | None = None) -> None:
+        self.f, self.room, self.err, self.seen = f, room, err, seen
 
     def write(self, b) -> int:
         data = bytes(memoryview(b).cast("B"))
         if len(data) > self.room:
             self.f.write(data[: self.room])
             self.room = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(self.err, os.strerror(self.err))
         self.room -= len(data)
         return self.f.write(data)
 
@@ -45,6 +48,9 @@ class _FullFile:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.seen is not None:
+            self.f.flush()
+            self.seen.append(Path(f"/proc/self/fd/{self.f.fileno()}").read_bytes())
         self.f.close()
 
 
@@ -62,7 +68,7 @@ def fill_disk() -> None:
         if not fnmatch.fnmatch(tmp.rsplit(".", 2)[0], pattern):
             return real_open(fd)
         left[0] -= 1
-        return real_open(fd) if left[0] >= 0 else _FullFile(real_open(fd))
+        return real_open(fd) if left[0] >= 0 else FullDiskFile(real_open(fd), room=1000)
 
     files._open = _open
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faulty_launch import FullDiskFile  # tests/, on sys.path
 
 from dlsm import files, launch
 from dlsm.data.points import LabelledData
@@ -31,35 +32,6 @@ from dlsm.train.checkpoints import load_checkpoint, save_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 FREE = 12_345_678  # what the patched shutil.disk_usage reports: "12.3 MB free now"
 RESUME = "free space and relaunch the same command to resume"
-
-
-class FullDiskFile:
-    """A real temporary file on a disk with ``room`` bytes left: the write that crosses it writes what fits, then
-    raises ENOSPC (or ``err``) like the kernel does. At close, what the file holds is appended to ``seen``."""
-
-    def __init__(self, f, room: int, err: int = errno.ENOSPC, seen: list[bytes] | None = None) -> None:
-        self.f, self.room, self.err, self.seen = f, room, err, seen
-
-    def write(self, b) -> int:
-        data = bytes(memoryview(b).cast("B"))
-        if len(data) > self.room:
-            self.f.write(data[: self.room])
-            self.room = 0
-            raise OSError(self.err, os.strerror(self.err))
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def __getattr__(self, name: str):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.seen is not None:
-            self.f.flush()
-            self.seen.append(Path(f"/proc/self/fd/{self.f.fileno()}").read_bytes())
-        self.f.close()
 
 
 def fill_disk(monkeypatch, room: int = 1000, err: int = errno.ENOSPC) -> list[bytes]:
