@@ -146,27 +146,30 @@ def test_a_killed_sampling_stage_resumes_with_the_uninterrupted_images(reference
         assert re.data.metrics[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
 
 
-def _stopped_together(proc: subprocess.CompletedProcess, exits: Path) -> str:
-    """The one line of a 2-process launch that stopped on a full disk: both ranks left ``dlsm.launch`` by themselves
-    with DiskFullError's exit code 5 (tests/faulty_launch.py wrote it into ``exits``), none with a traceback."""
+def _stopped_together(proc: subprocess.CompletedProcess, exits: Path, code: int) -> list[str]:
+    """The ``dlsm:`` lines of a 2-process launch that stopped on an error: both ranks left ``dlsm.launch`` by
+    themselves with the error's exit code (tests/faulty_launch.py wrote it into ``exits``), none with a traceback."""
     assert proc.returncode != 0
-    assert {p.name: p.read_text() for p in exits.iterdir()} == {"rank0": "5", "rank1": "5"}, proc.stderr[-3000:]
+    assert {p.name: p.read_text() for p in exits.iterdir()} == {"rank0": str(code), "rank1": str(code)}, (
+        proc.stderr[-3000:])
     assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("[rank")], proc.stderr[-3000:]
-    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("dlsm:")]
-    return line
+    return [ln for ln in proc.stderr.splitlines() if ln.startswith("dlsm:")]
 
 
-def test_a_full_disk_on_one_rank_stops_both_in_one_line_and_the_relaunch_resumes(reference, tmp_path):
+def test_a_full_disk_or_a_lost_store_on_one_rank_stops_both_in_one_line_and_the_relaunch_resumes(reference, tmp_path):
     """2 processes sample apart; rank 1's disk fills up at its 4th unit. Rank 0 draws its 15 units (kept), then
     both stop with rank 1's error, printed once by rank 0 (before, rank 1 left alone and rank 0 died in gloo with a
     traceback at the end of sampling, with no word of the disk). Relaunched, the 12 missing units are drawn, and
-    rank 0's disk fills up while it writes the second ``.npz``: both stop again in one line. The same command without
-    a fault then writes images that are the one-process reference's, byte for byte."""
+    rank 0's disk fills up while it writes the second ``.npz``: both stop again in one line. Relaunched again, rank
+    0's MLflow store is lost during sampling: the samples are written, then both stop at the stage's end with rank
+    0's line. The same command without a fault then writes images that are the one-process reference's, byte for
+    byte."""
     cwd, ref_id = reference
     params = [*FAST, *_from(ref_id, ".dlsm-f"), "experiment.stages = [@train_score_model, @train_classifiers, @sample]"]
-    outcomes = [tmp_path / "units", tmp_path / "npz"]
+    outcomes = [tmp_path / "units", tmp_path / "npz", tmp_path / "store"]
     faults = [{"DLSM_FULL_RANK": "1", "DLSM_FULL_FILE": "c*-b*.pt", "DLSM_FULL_AFTER": "3"},
-              {"DLSM_FULL_RANK": "0", "DLSM_FULL_FILE": "samples-*.npz", "DLSM_FULL_AFTER": "1"}]
+              {"DLSM_FULL_RANK": "0", "DLSM_FULL_FILE": "samples-*.npz", "DLSM_FULL_AFTER": "1"},
+              {"DLSM_LOSE_STORE_IN": "sampling"}]
     runs = []
     for exits, fault in zip(outcomes, faults, strict=True):
         exits.mkdir()
@@ -174,17 +177,21 @@ def test_a_full_disk_on_one_rank_stops_both_in_one_line_and_the_relaunch_resumes
                                    env={**_env(), **fault, "DLSM_EXITS": str(exits)}, timeout=600))
     (rundir,) = [p for p in (cwd / ".dlsm-f" / "digits32").iterdir() if p.is_dir()]  # beside it: <hash>.lock
     folder = re.escape(str(rundir.relative_to(cwd)))  # as experiment.workdir gives it
-    line = _stopped_together(runs[0], outcomes[0])
+    (line,) = _stopped_together(runs[0], outcomes[0], 5)  # DiskFullError's exit code
     assert re.fullmatch(rf"dlsm: error: no space left on device writing c\d-b0\.pt in {folder}/sampling/"
                         r"(base|scaling|ours) \(needs about [\d.]+ MB free, [\d.]+ MB free now\); free space and "
                         r"relaunch the same command to resume", line), line
-    line = _stopped_together(runs[1], outcomes[1])
+    (line,) = _stopped_together(runs[1], outcomes[1], 5)
     assert re.fullmatch(rf"dlsm: error: no space left on device writing samples-\w+\.npz in {folder} \(needs about "
                         r"[\d.]+ MB free, [\d.]+ MB free now\); free space and relaunch the same command to resume",
                         line), line
     assert "15 of 15 units of rank 0 are drawn" in runs[1].stdout  # kept from the first launch
+    warning, line = _stopped_together(runs[2], outcomes[2], 2)  # TrackingError's exit code
+    assert warning.startswith("dlsm: warning: ") and "Connection refused" in warning, warning
+    assert re.fullmatch(r"dlsm: error: .*: Connection refused; tracking was lost during sampling \(.+ not recorded\); "
+                        r"the checkpoints on disk are kept: relaunch the same command to resume", line), line
     assert len(list(rundir.glob("sampling/*/*.pt"))) == 30 and not list(rundir.rglob("*.tmp"))
-    assert len(list(rundir.glob("samples-*.npz"))) == 1
+    assert len(list(rundir.glob("samples-*.npz"))) == 3  # written before the stage's end
 
     again = subprocess.run(_launch_cmd(*params, procs=2), cwd=cwd, env=_env(), capture_output=True, text=True,
                            timeout=600)
