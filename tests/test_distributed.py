@@ -240,7 +240,9 @@ TINY = [
 def _launch_cmd(cwd: Path, *, faulty: bool = False) -> list[str]:
     """torchrun of ``dlsm.launch`` on moons.gin with TINY; ``faulty``: through tests/faulty_launch.py, which adds the
     fault that the environment names (a full disk, a lost store) on one rank."""
-    head = (str(ROOT / "tests" / "faulty_launch.py"),) if faulty else ("-m", "dlsm.launch")
+    # faulty: torchrun looks at its workers once a second (not every 0.1 s), so that a rank that has returned from
+    # dlsm.launch can record it before torchrun stops it because the other rank has already exited
+    head = ("--monitor-interval", "1", str(ROOT / "tests" / "faulty_launch.py")) if faulty else ("-m", "dlsm.launch")
     cmd = _torchrun(*head, "--gin", str(ROOT / "gin" / "moons.gin"))
     for p in [*TINY, f"experiment.workdir = '{cwd / 'work'}'"]:
         cmd += ["--gin_param", p]

@@ -44,6 +44,8 @@ def _free_port() -> int:
 def _launch_cmd(*params: str, procs: int = 1, faulty: bool = False) -> list[str]:
     """``dlsm.launch`` of digits32 + smoke with ``procs`` processes; ``faulty``: through tests/faulty_launch.py."""
     launch = [str(ROOT / "tests" / "faulty_launch.py")] if faulty else ["-m", "dlsm.launch"]
+    if faulty and procs > 1:  # see tests/test_distributed.py's _launch_cmd
+        launch = ["--monitor-interval", "1", *launch]
     head = [sys.executable, *launch] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
         "--master_port", str(_free_port()), *launch]
