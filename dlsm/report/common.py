@@ -4,6 +4,7 @@ written report, and the command's error handling."""
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from dlsm.errors import ConfigError, DlsmError, print_error
 
-__all__ = ["client", "commit", "figure_folder", "run_report", "table", "write_report"]
+__all__ = ["client", "commit", "figure_folder", "machine", "run_report", "table", "write_report"]
 
 
 def client():
@@ -26,6 +27,14 @@ def commit() -> str:
     """The short commit of the checked-out project ('' outside a git checkout)."""
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent).stdout.strip()
+
+
+def machine() -> str:
+    """What a report was generated on: ``N CPU cores (arch), torch X, CUDA`` or ``… no GPU``."""
+    import torch
+
+    return (f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
+            f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}")
 
 
 def figure_folder(out: Path) -> Path:
